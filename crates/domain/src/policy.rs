@@ -1,0 +1,209 @@
+//! Authorisation, decided in one place. Handlers describe what they want to do and to
+//! what; this module answers. An object outside the caller's reach is reported as
+//! [`Decision::NotFound`], so the server answers 404 and reveals nothing about it.
+
+use crate::Role;
+
+/// Who is asking: always a signed-in user of one tenant.
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub tenant_id: String,
+    pub user_id: String,
+    pub login_id: String,
+    pub role: Role,
+    pub department_id: String,
+    /// Full path of the actor's department, e.g. `総務部/情報政策課`.
+    pub department_path: String,
+}
+
+/// A user account as the policy sees it.
+#[derive(Clone, Debug)]
+pub struct UserTarget<'a> {
+    pub tenant_id: &'a str,
+    pub user_id: &'a str,
+    pub role: Role,
+    pub department_path: &'a str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// The caller may see the object but not do this to it.
+    Forbidden,
+    /// The caller may not even know the object exists.
+    NotFound,
+}
+
+/// Which accounts a caller may list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserScope {
+    All,
+    /// The department with this path and every department below it.
+    Subtree(String),
+}
+
+/// True when `path` is `root` or lies below it.
+pub fn in_subtree(root: &str, path: &str) -> bool {
+    path == root || (path.starts_with(root) && path[root.len()..].starts_with('/'))
+}
+
+/// The admin area at all (navigation, pages).
+pub fn can_open_admin(actor: &Actor) -> bool {
+    matches!(
+        actor.role,
+        Role::TenantAdmin | Role::DepartmentAdmin | Role::Auditor
+    )
+}
+
+/// Tenant-wide settings, departments, imports.
+pub fn can_manage_tenant(actor: &Actor) -> bool {
+    actor.role == Role::TenantAdmin
+}
+
+/// Audit records and logs: read-only for auditors.
+pub fn can_read_audit(actor: &Actor) -> bool {
+    matches!(actor.role, Role::TenantAdmin | Role::Auditor)
+}
+
+/// Which user accounts the caller may see, if any.
+pub fn user_scope(actor: &Actor) -> Option<UserScope> {
+    match actor.role {
+        Role::TenantAdmin => Some(UserScope::All),
+        Role::DepartmentAdmin => Some(UserScope::Subtree(actor.department_path.clone())),
+        _ => None,
+    }
+}
+
+/// May the caller see this account?
+pub fn view_user(actor: &Actor, target: &UserTarget<'_>) -> Decision {
+    if target.tenant_id != actor.tenant_id {
+        return Decision::NotFound;
+    }
+    match user_scope(actor) {
+        Some(UserScope::All) => Decision::Allow,
+        Some(UserScope::Subtree(root)) if in_subtree(&root, target.department_path) => {
+            Decision::Allow
+        }
+        _ => Decision::NotFound,
+    }
+}
+
+/// May the caller change this account (name, e-mail, department, role, status, password
+/// reset, deletion)? Department admins look after ordinary staff of their own subtree only;
+/// nobody disables, deletes or demotes themselves through the admin screens.
+pub fn manage_user(actor: &Actor, target: &UserTarget<'_>) -> Decision {
+    match view_user(actor, target) {
+        Decision::Allow => {}
+        other => return other,
+    }
+    if target.user_id == actor.user_id {
+        return Decision::Forbidden;
+    }
+    match actor.role {
+        Role::TenantAdmin => Decision::Allow,
+        Role::DepartmentAdmin if target.role == Role::User => Decision::Allow,
+        _ => Decision::Forbidden,
+    }
+}
+
+/// May the caller give an account this role in this department (creating or changing it)?
+pub fn assign(actor: &Actor, role: Role, department_path: &str) -> Decision {
+    match actor.role {
+        Role::TenantAdmin => Decision::Allow,
+        Role::DepartmentAdmin
+            if role == Role::User && in_subtree(&actor.department_path, department_path) =>
+        {
+            Decision::Allow
+        }
+        _ => Decision::Forbidden,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor(role: Role, path: &str) -> Actor {
+        Actor {
+            tenant_id: "t1".into(),
+            user_id: "me".into(),
+            login_id: "me".into(),
+            role,
+            department_id: "d".into(),
+            department_path: path.into(),
+        }
+    }
+
+    fn target<'a>(tenant: &'a str, role: Role, path: &'a str) -> UserTarget<'a> {
+        UserTarget {
+            tenant_id: tenant,
+            user_id: "other",
+            role,
+            department_path: path,
+        }
+    }
+
+    #[test]
+    fn subtree_is_by_whole_segments() {
+        assert!(in_subtree("総務部", "総務部"));
+        assert!(in_subtree("総務部", "総務部/情報政策課"));
+        assert!(!in_subtree("総務部", "総務部長室"));
+        assert!(!in_subtree("総務部/情報政策課", "総務部"));
+    }
+
+    #[test]
+    fn other_tenant_is_not_found_even_for_tenant_admin() {
+        let a = actor(Role::TenantAdmin, "総務部");
+        assert_eq!(
+            view_user(&a, &target("t2", Role::User, "総務部")),
+            Decision::NotFound
+        );
+        assert_eq!(
+            manage_user(&a, &target("t2", Role::User, "総務部")),
+            Decision::NotFound
+        );
+    }
+
+    #[test]
+    fn department_admin_reaches_own_subtree_and_only_ordinary_staff() {
+        let a = actor(Role::DepartmentAdmin, "福祉部");
+        assert_eq!(
+            view_user(&a, &target("t1", Role::User, "福祉部/介護保険課")),
+            Decision::Allow
+        );
+        assert_eq!(
+            view_user(&a, &target("t1", Role::User, "税務部")),
+            Decision::NotFound
+        );
+        assert_eq!(
+            manage_user(&a, &target("t1", Role::TenantAdmin, "福祉部")),
+            Decision::Forbidden
+        );
+        assert_eq!(assign(&a, Role::TenantAdmin, "福祉部"), Decision::Forbidden);
+        assert_eq!(assign(&a, Role::User, "税務部"), Decision::Forbidden);
+        assert_eq!(assign(&a, Role::User, "福祉部/介護保険課"), Decision::Allow);
+    }
+
+    #[test]
+    fn staff_auditors_and_support_see_no_accounts() {
+        for r in [Role::User, Role::Auditor, Role::Support] {
+            let a = actor(r, "総務部");
+            assert_eq!(
+                view_user(&a, &target("t1", Role::User, "総務部")),
+                Decision::NotFound
+            );
+            assert!(!can_manage_tenant(&a));
+        }
+        assert!(can_read_audit(&actor(Role::Auditor, "x")));
+        assert!(!can_read_audit(&actor(Role::User, "x")));
+        assert!(!can_read_audit(&actor(Role::Support, "x")));
+    }
+
+    #[test]
+    fn nobody_manages_themselves() {
+        let a = actor(Role::TenantAdmin, "総務部");
+        let mut t = target("t1", Role::TenantAdmin, "総務部");
+        t.user_id = "me";
+        assert_eq!(manage_user(&a, &t), Decision::Forbidden);
+    }
+}

@@ -1,0 +1,226 @@
+//! A city's security settings (policies S4, S5, S6): the login banner, password rules,
+//! lockout and session time-outs, with stricter values for privileged accounts.
+
+use crate::validate;
+use crate::Role;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PasswordPolicy {
+    pub min_length: u32,
+    /// Hours a temporary password stays valid.
+    pub temporary_valid_hours: u32,
+}
+
+impl Default for PasswordPolicy {
+    fn default() -> Self {
+        Self {
+            min_length: 12,
+            temporary_valid_hours: 72,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockoutPolicy {
+    /// This many failures within `window_minutes` lock the account…
+    pub max_failures: u32,
+    pub window_minutes: u32,
+    /// …for this long.
+    pub lock_minutes: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionPolicy {
+    pub idle_minutes: u32,
+    pub absolute_minutes: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Shown on the sign-in page before anyone signs in.
+    pub banner: String,
+    pub password: PasswordPolicy,
+    pub lockout_user: LockoutPolicy,
+    pub lockout_admin: LockoutPolicy,
+    pub session_user: SessionPolicy,
+    pub session_admin: SessionPolicy,
+}
+
+impl Default for TenantSettings {
+    fn default() -> Self {
+        Self {
+            banner: "このシステムは許可された職員のみが利用できます。\n利用状況は記録され、情報セキュリティポリシーに基づき監査されます。".into(),
+            password: PasswordPolicy::default(),
+            lockout_user: LockoutPolicy {
+                max_failures: 5,
+                window_minutes: 15,
+                lock_minutes: 15,
+            },
+            lockout_admin: LockoutPolicy {
+                max_failures: 3,
+                window_minutes: 30,
+                lock_minutes: 60,
+            },
+            session_user: SessionPolicy {
+                idle_minutes: 30,
+                absolute_minutes: 12 * 60,
+            },
+            session_admin: SessionPolicy {
+                idle_minutes: 15,
+                absolute_minutes: 8 * 60,
+            },
+        }
+    }
+}
+
+/// One problem with a settings form: the field it belongs to and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl TenantSettings {
+    pub fn lockout_for(&self, role: Role) -> LockoutPolicy {
+        if role.is_privileged() {
+            self.lockout_admin
+        } else {
+            self.lockout_user
+        }
+    }
+
+    pub fn session_for(&self, role: Role) -> SessionPolicy {
+        if role.is_privileged() {
+            self.session_admin
+        } else {
+            self.session_user
+        }
+    }
+
+    /// Checks ranges, and that the rules for administrators are no weaker than for staff.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let mut push = |field: &str, message: String| {
+            errs.push(FieldError {
+                field: field.into(),
+                message,
+            })
+        };
+        if let Err(e) = validate::multi_line("ログイン画面のお知らせ", &self.banner, 2000)
+        {
+            push("banner", e);
+        }
+        let p = &self.password;
+        if !(8..=128).contains(&p.min_length) {
+            push(
+                "password.min_length",
+                "パスワードの最小文字数は8〜128の範囲で指定してください。".into(),
+            );
+        }
+        if !(1..=720).contains(&p.temporary_valid_hours) {
+            push(
+                "password.temporary_valid_hours",
+                "仮パスワードの有効期間は1〜720時間の範囲で指定してください。".into(),
+            );
+        }
+        for (key, label, l) in [
+            ("lockout_user", "一般職員", self.lockout_user),
+            ("lockout_admin", "管理者", self.lockout_admin),
+        ] {
+            if !(1..=100).contains(&l.max_failures) {
+                push(
+                    &format!("{key}.max_failures"),
+                    format!("{label}のロックまでの失敗回数は1〜100回で指定してください。"),
+                );
+            }
+            if !(1..=1440).contains(&l.window_minutes) {
+                push(
+                    &format!("{key}.window_minutes"),
+                    format!("{label}の失敗回数を数える期間は1〜1440分で指定してください。"),
+                );
+            }
+            if !(1..=10080).contains(&l.lock_minutes) {
+                push(
+                    &format!("{key}.lock_minutes"),
+                    format!("{label}のロック時間は1〜10080分で指定してください。"),
+                );
+            }
+        }
+        for (key, label, s) in [
+            ("session_user", "一般職員", self.session_user),
+            ("session_admin", "管理者", self.session_admin),
+        ] {
+            if !(1..=480).contains(&s.idle_minutes) {
+                push(
+                    &format!("{key}.idle_minutes"),
+                    format!("{label}の無操作タイムアウトは1〜480分で指定してください。"),
+                );
+            }
+            if !(10..=1440).contains(&s.absolute_minutes) {
+                push(
+                    &format!("{key}.absolute_minutes"),
+                    format!("{label}の最大ログイン時間は10〜1440分で指定してください。"),
+                );
+            } else if s.idle_minutes > s.absolute_minutes {
+                push(
+                    &format!("{key}.idle_minutes"),
+                    format!("{label}の無操作タイムアウトは最大ログイン時間以下にしてください。"),
+                );
+            }
+        }
+        if self.lockout_admin.max_failures > self.lockout_user.max_failures {
+            push(
+                "lockout_admin.max_failures",
+                "管理者のロックまでの失敗回数は一般職員以下にしてください。".into(),
+            );
+        }
+        if self.session_admin.idle_minutes > self.session_user.idle_minutes
+            || self.session_admin.absolute_minutes > self.session_user.absolute_minutes
+        {
+            push(
+                "session_admin.idle_minutes",
+                "管理者のタイムアウトは一般職員以下にしてください。".into(),
+            );
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_stricter_for_admins() {
+        let s = TenantSettings::default();
+        assert_eq!(s.validate(), Ok(()));
+        assert!(
+            s.session_for(Role::TenantAdmin).idle_minutes < s.session_for(Role::User).idle_minutes
+        );
+        assert!(
+            s.lockout_for(Role::TenantAdmin).max_failures < s.lockout_for(Role::User).max_failures
+        );
+    }
+
+    #[test]
+    fn weaker_admin_rules_are_refused() {
+        let mut s = TenantSettings::default();
+        s.lockout_admin.max_failures = 10;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(serde_json::from_str::<TenantSettings>(r#"{"bannner":"x"}"#).is_err());
+        assert!(serde_json::from_str::<TenantSettings>(r#"{"banner":"x"}"#).is_ok());
+    }
+}

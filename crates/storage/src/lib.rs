@@ -1,0 +1,176 @@
+//! Persistence for yakuba: one query layer over SQLite (the embedded default) and
+//! PostgreSQL (scale-out), through sqlx's `Any` driver. SQL is written once in the portable
+//! subset both engines share (`$n` placeholders, `BIGINT` times in UTC milliseconds, text
+//! ids); only the migrations differ per backend.
+//!
+//! Every write that matters takes the [`AuditEvent`] that describes it and appends it to the
+//! tenant's hash chain in the same transaction, so a change and its record land together or
+//! not at all.
+
+mod audit;
+mod departments;
+mod imports;
+mod migrate;
+mod sessions;
+mod tenants;
+mod users;
+
+pub use audit::{AuditEvent, AuditFilter, ChainReport};
+pub use departments::Department;
+pub use imports::{ImportOutcome, PendingImport};
+pub use sessions::{LoginAttempt, Session};
+pub use tenants::Tenant;
+pub use users::{NewUser, User, UserFilter, UserStatus, UserUpdate};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, ConnectOptions, Executor, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness or state rule was violated; the message is safe to show (Japanese).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid stored data: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migration(String),
+}
+
+impl StorageError {
+    /// Stable code for logs and API errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StorageError::NotFound => "not_found",
+            StorageError::Conflict(_) => "conflict",
+            StorageError::Corrupt(_) => "corrupt",
+            StorageError::Db(_) => "database",
+            StorageError::Migration(_) => "migration",
+        }
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `sqlite://…` or `postgres://…`. SQLite files are created when missing,
+    /// in WAL mode with full fsync (chat and audit data must survive a power cut).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StorageError::Migration(
+                "database_url must start with sqlite:// or postgres://".into(),
+            ));
+        };
+        let url = if backend == Backend::Sqlite && !url.contains('?') {
+            format!("{url}?mode=rwc")
+        } else {
+            url.to_string()
+        };
+        let opts = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite {
+                max_connections.min(8)
+            } else {
+                max_connections
+            })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Applies the migrations this binary knows and the database lacks.
+    pub async fn migrate(&self) -> Result<Vec<i64>> {
+        migrate::run(self).await
+    }
+
+    /// For readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Maps a unique-constraint violation to a [`StorageError::Conflict`] with `message`.
+pub(crate) fn conflict_on_unique(e: sqlx::Error, message: &str) -> StorageError {
+    if let Some(db) = e.as_database_error() {
+        if db.is_unique_violation() {
+            return StorageError::Conflict(message.to_string());
+        }
+    }
+    StorageError::Db(e)
+}
+
+/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern.
+pub(crate) fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub(crate) fn get_str(row: &AnyRow, col: &str) -> Result<String> {
+    Ok(row.try_get::<String, _>(col)?)
+}
+
+pub(crate) fn get_opt_str(row: &AnyRow, col: &str) -> Result<Option<String>> {
+    Ok(row.try_get::<Option<String>, _>(col)?)
+}
+
+pub(crate) fn get_i64(row: &AnyRow, col: &str) -> Result<i64> {
+    Ok(row.try_get::<i64, _>(col)?)
+}
+
+pub(crate) fn get_opt_i64(row: &AnyRow, col: &str) -> Result<Option<i64>> {
+    Ok(row.try_get::<Option<i64>, _>(col)?)
+}

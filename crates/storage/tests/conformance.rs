@@ -1,0 +1,644 @@
+//! The storage conformance suite: the same checks on SQLite always, and on PostgreSQL when
+//! `YAKUBA_TEST_DATABASE_URL` is set (each run in a fresh database of its own).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use domain::policy::UserScope;
+use domain::settings::TenantSettings;
+use domain::Role;
+use sqlx::Executor;
+use storage::*;
+
+struct Db {
+    store: Store,
+    _dir: Option<tempfile::TempDir>,
+    drop_pg: Option<(String, String)>,
+}
+
+async fn sqlite() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let store = Store::connect(&url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    Db {
+        store,
+        _dir: Some(dir),
+        drop_pg: None,
+    }
+}
+
+async fn postgres() -> Option<Db> {
+    let base = std::env::var("YAKUBA_TEST_DATABASE_URL").ok()?;
+    let name = format!("yakuba_conf_{}", domain::ids::random_token(6));
+    let admin = Store::connect(&base, 1).await.unwrap();
+    admin
+        .pool()
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    admin.close().await;
+    let url = match base.rfind('/') {
+        Some(i) => format!("{}/{name}", &base[..i]),
+        None => panic!("bad url"),
+    };
+    let store = Store::connect(&url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    Some(Db {
+        store,
+        _dir: None,
+        drop_pg: Some((base, name)),
+    })
+}
+
+impl Db {
+    async fn finish(self) {
+        self.store.close().await;
+        if let Some((base, name)) = self.drop_pg {
+            let admin = Store::connect(&base, 1).await.unwrap();
+            admin
+                .pool()
+                .execute(format!("DROP DATABASE {name}").as_str())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn ev(actor: &str) -> AuditEvent {
+    AuditEvent {
+        actor_login: actor.into(),
+        ip: "127.0.0.1".into(),
+        at_ms: 1_000,
+        ..Default::default()
+    }
+}
+
+fn ev_t(tenant: &str) -> AuditEvent {
+    AuditEvent {
+        tenant_id: tenant.into(),
+        ..ev("tester")
+    }
+}
+
+async fn backends() -> Vec<Db> {
+    let mut v = vec![sqlite().await];
+    if let Some(pg) = postgres().await {
+        v.push(pg);
+    }
+    v
+}
+
+fn new_user(tenant: &str, login: &str, dept: &str, role: Role) -> NewUser {
+    NewUser {
+        tenant_id: tenant.into(),
+        login_id: login.into(),
+        display_name: format!("職員 {login}"),
+        email: None,
+        department_id: dept.into(),
+        role,
+        password_hash: "$argon2id$fake".into(),
+        temporary_until: None,
+        now: 1_000,
+    }
+}
+
+#[tokio::test]
+async fn tenants_departments_and_users() {
+    for db in backends().await {
+        let s = &db.store;
+        let b = format!("{:?}", s.backend());
+        assert!(
+            s.migrate().await.unwrap().is_empty(),
+            "{b}: migrations are idempotent"
+        );
+
+        let t = s
+            .create_tenant("sample", "サンプル市", None, 1_000, ev("cli"))
+            .await
+            .unwrap();
+        let t2 = s
+            .create_tenant("other", "よそ町", Some("other.example"), 1_000, ev("cli"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.create_tenant("sample", "x", None, 1, ev("cli")).await,
+            Err(StorageError::Conflict(_))
+        ));
+        assert_eq!(s.tenant_by_slug("sample").await.unwrap().id, t.id);
+        assert_eq!(s.tenant_by_host("OTHER.example").await.unwrap().id, t2.id);
+        assert_eq!(
+            s.tenant_by_id(&t.id).await.unwrap().settings,
+            TenantSettings::default()
+        );
+
+        let soumu = s
+            .create_department(&t.id, None, "総務部", 1_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        let joho = s
+            .create_department(&t.id, Some(&soumu.id), "情報政策課", 1_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(joho.path, "総務部/情報政策課");
+        assert!(matches!(
+            s.create_department(&t.id, Some(&soumu.id), "情報政策課", 1_000, ev_t(&t.id))
+                .await,
+            Err(StorageError::Conflict(_))
+        ));
+        // Another tenant's department cannot be used as a parent.
+        assert!(matches!(
+            s.create_department(&t2.id, Some(&soumu.id), "x", 1_000, ev_t(&t2.id))
+                .await,
+            Err(StorageError::NotFound)
+        ));
+        let zeimu = s
+            .ensure_department_path(&t.id, "税務部/市民税課/諸税係", 1_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(zeimu.path, "税務部/市民税課/諸税係");
+        assert_eq!(s.list_departments(&t.id).await.unwrap().len(), 5);
+
+        let admin = s
+            .create_user(
+                &new_user(&t.id, "admin01", &joho.id, Role::TenantAdmin),
+                ev_t(&t.id),
+            )
+            .await
+            .unwrap();
+        let staff = s
+            .create_user(
+                &new_user(&t.id, "staff_01", &zeimu.id, Role::User),
+                ev_t(&t.id),
+            )
+            .await
+            .unwrap();
+        assert_eq!(staff.department_path, "税務部/市民税課/諸税係");
+        assert!(matches!(
+            s.create_user(
+                &new_user(&t.id, "staff_01", &joho.id, Role::User),
+                ev_t(&t.id)
+            )
+            .await,
+            Err(StorageError::Conflict(_))
+        ));
+        // Same login id in another tenant is fine; other tenant's ids are not found.
+        let d2 = s
+            .create_department(&t2.id, None, "総務課", 1_000, ev_t(&t2.id))
+            .await
+            .unwrap();
+        let other = s
+            .create_user(
+                &new_user(&t2.id, "staff_01", &d2.id, Role::User),
+                ev_t(&t2.id),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.user_by_id(&t.id, &other.id).await,
+            Err(StorageError::NotFound)
+        ));
+        assert_eq!(
+            s.user_by_login(&t.id, "STAFF_01").await.unwrap().id,
+            staff.id
+        );
+
+        // Search, scope and paging; LIKE wildcards in the query are literal.
+        let (all, n) = s
+            .list_users(&t.id, &UserScope::All, &UserFilter::default(), 10, 0)
+            .await
+            .unwrap();
+        assert_eq!((all.len(), n), (2, 2));
+        let (_, n) = s
+            .list_users(
+                &t.id,
+                &UserScope::All,
+                &UserFilter {
+                    query: Some("%".into()),
+                    ..Default::default()
+                },
+                10,
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{b}");
+        let (_, n) = s
+            .list_users(
+                &t.id,
+                &UserScope::All,
+                &UserFilter {
+                    query: Some("_01".into()),
+                    ..Default::default()
+                },
+                10,
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{b}: underscore is literal");
+        let (found, _) = s
+            .list_users(
+                &t.id,
+                &UserScope::Subtree("税務部".into()),
+                &UserFilter::default(),
+                10,
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            found
+                .iter()
+                .map(|u| u.login_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["staff_01"]
+        );
+        let (found, _) = s
+            .list_users(
+                &t.id,
+                &UserScope::All,
+                &UserFilter {
+                    query: Some("職員 ADMIN".into()),
+                    ..Default::default()
+                },
+                10,
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1, "{b}: case-insensitive search");
+
+        // Rename moves the paths below.
+        s.rename_department(
+            &t.id,
+            &zeimu.parent_id.clone().unwrap(),
+            "市民税課（改）",
+            ev_t(&t.id),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.user_by_id(&t.id, &staff.id)
+                .await
+                .unwrap()
+                .department_path,
+            "税務部/市民税課（改）/諸税係"
+        );
+        // Departments with members or children are not deleted.
+        assert!(matches!(
+            s.delete_department(&t.id, &zeimu.id, ev_t(&t.id)).await,
+            Err(StorageError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.delete_department(&t.id, &soumu.id, ev_t(&t.id)).await,
+            Err(StorageError::Conflict(_))
+        ));
+
+        // Updates, the last admin rule, disable ends sessions, delete.
+        let up = UserUpdate {
+            department_id: Some(joho.id.clone()),
+            display_name: Some("山田 花子".into()),
+            ..Default::default()
+        };
+        let moved = s
+            .update_user(&t.id, &staff.id, &up, 2_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(moved.department_path, "総務部/情報政策課");
+        assert!(s
+            .delete_department(&t.id, &zeimu.id, ev_t(&t.id))
+            .await
+            .is_ok());
+        let demote = UserUpdate {
+            role: Some(Role::User),
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.update_user(&t.id, &admin.id, &demote, 2_000, ev_t(&t.id))
+                .await,
+            Err(StorageError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.set_user_status(&t.id, &admin.id, UserStatus::Disabled, 2_000, ev_t(&t.id))
+                .await,
+            Err(StorageError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.delete_user(&t.id, &admin.id, ev_t(&t.id)).await,
+            Err(StorageError::Conflict(_))
+        ));
+
+        let a = LoginAttempt {
+            tenant_id: &t.id,
+            typed_login: "staff_01",
+            ip: "127.0.0.1",
+            now: 3_000,
+        };
+        s.record_login_success(&a, &moved, "digest1", "csrf1", "ua", ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(s.count_sessions(&t.id, &staff.id).await.unwrap(), 1);
+        let (sess, u) = s.session_with_user("digest1").await.unwrap().unwrap();
+        assert_eq!(
+            (sess.user_id.as_str(), u.login_id.as_str()),
+            (staff.id.as_str(), "staff_01")
+        );
+        s.set_user_status(&t.id, &staff.id, UserStatus::Disabled, 4_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.count_sessions(&t.id, &staff.id).await.unwrap(),
+            0,
+            "{b}: disabling ends sessions"
+        );
+        assert!(s.session_with_user("digest1").await.unwrap().is_none());
+        s.delete_user(&t.id, &staff.id, ev_t(&t.id)).await.unwrap();
+        assert!(matches!(
+            s.user_by_id(&t.id, &staff.id).await,
+            Err(StorageError::NotFound)
+        ));
+
+        // Settings round trip.
+        let mut st = TenantSettings::default();
+        st.banner = "許可された職員のみ".into();
+        s.update_tenant_settings(&t.id, &st, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.tenant_by_id(&t.id).await.unwrap().settings.banner,
+            "許可された職員のみ"
+        );
+
+        let reports = s.verify_audit().await.unwrap();
+        assert_eq!(reports.len(), 2);
+        assert!(reports.iter().all(|r| r.result.is_ok()), "{b}: {reports:?}");
+        db.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn lockout_and_previous_sign_in() {
+    for db in backends().await {
+        let s = &db.store;
+        let t = s
+            .create_tenant("sample", "サンプル市", None, 0, ev("cli"))
+            .await
+            .unwrap();
+        let d = s
+            .ensure_department_path(&t.id, "総務部", 0, ev_t(&t.id))
+            .await
+            .unwrap();
+        let u = s
+            .create_user(&new_user(&t.id, "kato", &d.id, Role::User), ev_t(&t.id))
+            .await
+            .unwrap();
+        let policy = t.settings.lockout_user;
+        let min = domain::clock::MINUTE_MS;
+        let at = |now: i64| LoginAttempt {
+            tenant_id: &t.id,
+            typed_login: "kato",
+            ip: "10.0.0.1",
+            now,
+        };
+
+        // First sign-in, then 2 failures, then sign-in again: the notice says 2 failures.
+        s.record_login_success(&at(min), &u, "s1", "c", "ua", ev_t(&t.id))
+            .await
+            .unwrap();
+        let u = s.user_by_id(&t.id, &u.id).await.unwrap();
+        for i in 0..2 {
+            let r = s
+                .record_login_failure(
+                    &at(2 * min + i),
+                    Some(&u),
+                    policy,
+                    "bad_password",
+                    ev_t(&t.id),
+                )
+                .await
+                .unwrap();
+            assert!(r.is_none());
+        }
+        let sess = s
+            .record_login_success(&at(3 * min), &u, "s2", "c", "ua", ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(sess.prev_login_at, Some(min));
+        assert_eq!(sess.failures_since, 2);
+
+        // Failures before the last success do not count towards the lock.
+        let u = s.user_by_id(&t.id, &u.id).await.unwrap();
+        let mut locked = None;
+        for i in 0..policy.max_failures {
+            locked = s
+                .record_login_failure(
+                    &at(4 * min + i as i64),
+                    Some(&u),
+                    policy,
+                    "bad_password",
+                    ev_t(&t.id),
+                )
+                .await
+                .unwrap();
+            if i + 1 < policy.max_failures {
+                assert!(locked.is_none(), "locked too early at {i}");
+            }
+        }
+        let until = locked.expect("locked at the limit");
+        assert_eq!(
+            until,
+            4 * min + (policy.max_failures as i64 - 1) + policy.lock_minutes as i64 * min
+        );
+        assert_eq!(
+            s.count_sessions(&t.id, &u.id).await.unwrap(),
+            0,
+            "a lock ends open sessions"
+        );
+        let u = s.user_by_id(&t.id, &u.id).await.unwrap();
+        assert_eq!(u.locked_until, Some(until));
+
+        // Unknown accounts are recorded but lock nothing.
+        assert!(s
+            .record_login_failure(&at(5 * min), None, policy, "unknown_user", ev_t(&t.id))
+            .await
+            .unwrap()
+            .is_none());
+
+        let (recs, total) = s
+            .list_audit(
+                &t.id,
+                &AuditFilter {
+                    action_prefix: Some("auth.lockout".into()),
+                    ..Default::default()
+                },
+                10,
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!((recs.len(), total), (1, 1));
+        let (_, failures) = s
+            .list_audit(
+                &t.id,
+                &AuditFilter {
+                    result: Some("failure".into()),
+                    ..Default::default()
+                },
+                100,
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(failures, 2 + policy.max_failures as i64 + 1);
+        db.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn audit_tampering_is_detected() {
+    for db in backends().await {
+        let s = &db.store;
+        let t = s
+            .create_tenant("sample", "サンプル市", None, 0, ev("cli"))
+            .await
+            .unwrap();
+        for i in 0..6 {
+            s.append_audit(&ev_t(&t.id).with(
+                "test.event",
+                format!("x:{i}"),
+                serde_json::json!({"i": i}),
+            ))
+            .await
+            .unwrap();
+        }
+        let ok = |r: Vec<ChainReport>| r.into_iter().all(|r| r.result.is_ok());
+        let broken_at =
+            |r: Vec<ChainReport>| r.into_iter().find_map(|r| r.result.err()).map(|b| b.seq);
+        assert!(ok(s.verify_audit().await.unwrap()));
+
+        // Content change.
+        sqlx::query("UPDATE audit_log SET target = 'x:forged' WHERE tenant_id = $1 AND seq = 3")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(broken_at(s.verify_audit().await.unwrap()), Some(3));
+        sqlx::query("UPDATE audit_log SET target = 'x:1' WHERE tenant_id = $1 AND seq = 3")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        assert!(
+            ok(s.verify_audit().await.unwrap()),
+            "restoring the content restores the chain"
+        );
+
+        // Reordering: swap two records' sequence numbers.
+        sqlx::query("UPDATE audit_log SET seq = 100 WHERE tenant_id = $1 AND seq = 4")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE audit_log SET seq = 4 WHERE tenant_id = $1 AND seq = 5")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE audit_log SET seq = 5 WHERE tenant_id = $1 AND seq = 100")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(broken_at(s.verify_audit().await.unwrap()), Some(4));
+        sqlx::query("UPDATE audit_log SET seq = 100 WHERE tenant_id = $1 AND seq = 4")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE audit_log SET seq = 4 WHERE tenant_id = $1 AND seq = 5")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE audit_log SET seq = 5 WHERE tenant_id = $1 AND seq = 100")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        assert!(ok(s.verify_audit().await.unwrap()));
+
+        // Deletion in the middle, and of the last record.
+        sqlx::query("DELETE FROM audit_log WHERE tenant_id = $1 AND seq = 7")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(broken_at(s.verify_audit().await.unwrap()), Some(7));
+        sqlx::query("DELETE FROM audit_log WHERE tenant_id = $1 AND seq = 2")
+            .bind(&t.id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(broken_at(s.verify_audit().await.unwrap()), Some(2));
+        db.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn import_is_all_or_nothing() {
+    for db in backends().await {
+        let s = &db.store;
+        let t = s
+            .create_tenant("sample", "サンプル市", None, 0, ev("cli"))
+            .await
+            .unwrap();
+        let d = s
+            .ensure_department_path(&t.id, "総務部", 0, ev_t(&t.id))
+            .await
+            .unwrap();
+        let csv = "ログインID,氏名,所属\nu1,一号,総務部/新設課\nu2,二号,福祉部\n";
+        let existing: std::collections::HashSet<String> = ["総務部".to_string()].into();
+        let plan =
+            domain::import::plan(csv.as_bytes(), &existing, &Default::default(), true).unwrap();
+        assert_eq!(plan.departments_to_create, vec!["福祉部", "総務部/新設課"]);
+
+        // Someone takes u2 between preview and confirm: nothing at all is created.
+        s.create_user(&new_user(&t.id, "u2", &d.id, Role::User), ev_t(&t.id))
+            .await
+            .unwrap();
+        let hashes = vec!["h".to_string(); 2];
+        let err = s
+            .apply_import(&t.id, &plan, &hashes, 10, None, 5, ev_t(&t.id))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StorageError::Conflict(ref m) if m.contains("3行目")),
+            "{err:?}"
+        );
+        assert_eq!(s.list_departments(&t.id).await.unwrap().len(), 1);
+        assert!(s.user_by_login(&t.id, "u1").await.is_err());
+        assert!(s
+            .verify_audit()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.result.is_ok()));
+
+        s.delete_user(
+            &t.id,
+            &s.user_by_login(&t.id, "u2").await.unwrap().id,
+            ev_t(&t.id),
+        )
+        .await
+        .unwrap();
+        let out = s
+            .apply_import(&t.id, &plan, &hashes, 10, None, 5, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!((out.users_created, out.departments_created), (2, 2));
+        let u1 = s.user_by_login(&t.id, "u1").await.unwrap();
+        assert!(u1.password_temporary);
+        assert_eq!(u1.password_expires_at, Some(10));
+        assert_eq!(u1.department_path, "総務部/新設課");
+        db.finish().await;
+    }
+}
