@@ -1,1 +1,114 @@
+//! The `yakuba` server: routes, pages, the JSON API, sessions and the command line.
 
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod assets;
+pub mod cli;
+pub mod config;
+pub mod csvout;
+pub mod error;
+pub mod openapi;
+pub mod ops;
+pub mod pages;
+
+use app::{AppState, Shared};
+use config::Config;
+use domain::Clock;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use storage::{AuditEvent, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("データディレクトリ {0} を作成できません: {1}")]
+    DataDir(String, String),
+    #[error("データベースに接続できません: {0}")]
+    Database(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Opens the database (creating and migrating it when needed) and makes sure the default
+/// tenant exists.
+pub async fn open_store(config: &Config, now: i64) -> Result<(Store, String), StartError> {
+    let url = config.database_url();
+    if url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            StartError::DataDir(config.data_dir.display().to_string(), e.to_string())
+        })?;
+    }
+    let store = Store::connect(&url, config.database_max_connections)
+        .await
+        .map_err(|e| StartError::Database(e.to_string()))?;
+    let applied = store
+        .migrate()
+        .await
+        .map_err(|e| StartError::Database(e.to_string()))?;
+    if !applied.is_empty() {
+        tracing::info!(versions = ?applied, "database migrated");
+    }
+    let tenant = match store.tenant_by_slug(&config.default_tenant).await {
+        Ok(t) => t,
+        Err(storage::StorageError::NotFound) => {
+            let ev = AuditEvent {
+                at_ms: now,
+                actor_login: "system".into(),
+                ip: "-".into(),
+                ..Default::default()
+            };
+            let t = store
+                .create_tenant(
+                    &config.default_tenant,
+                    &config.default_tenant_name,
+                    None,
+                    now,
+                    ev,
+                )
+                .await
+                .map_err(|e| StartError::Database(e.to_string()))?;
+            tracing::info!(slug = %t.slug, "default tenant created");
+            t
+        }
+        Err(e) => return Err(StartError::Database(e.to_string())),
+    };
+    Ok((store, tenant.id))
+}
+
+/// Builds the shared state for a running server.
+pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared, StartError> {
+    let (store, default_tenant_id) = open_store(&config, clock.now_ms()).await?;
+    let cost = config.hash_cost();
+    let dummy_hash = tokio::task::spawn_blocking(move || {
+        domain::password::hash(&domain::ids::random_token(16), cost)
+    })
+    .await
+    .map_err(|e| StartError::Other(e.to_string()))?
+    .map_err(|e| StartError::Other(e.to_string()))?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    Ok(Arc::new(AppState {
+        store,
+        clock,
+        config: Arc::new(config),
+        default_tenant_id,
+        hash_slots: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
+        dummy_hash,
+    }))
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = app::router(state);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `yakuba` binary.
+
+fn main() -> std::process::ExitCode {
+    server::cli::main()
+}

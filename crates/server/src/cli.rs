@@ -1,0 +1,387 @@
+//! The command line: `serve`, `migrate`, `admin …` and `audit verify`.
+
+use crate::config::{Config, Overrides};
+use clap::{Parser, Subcommand};
+use domain::{Clock, Role, SystemClock};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use storage::{AuditEvent, NewUser, Store};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "yakuba",
+    version,
+    about = "自治体職員のための生成AIワークスペース"
+)]
+struct Cli {
+    /// 設定ファイル（既定: ./yakuba.toml があれば読む）
+    #[arg(long, global = true, env = "YAKUBA_CONFIG")]
+    config: Option<PathBuf>,
+    /// データディレクトリ（既定: ./yakuba-data）
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// データベース URL（sqlite:// または postgres://）
+    #[arg(long, global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// サービスを起動する
+    Serve {
+        /// 待ち受けるアドレス（既定: 127.0.0.1:8080）
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// データベースを最新の構造にする
+    Migrate,
+    /// 管理用の操作
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// 監査ログ
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// ユーザーを作成し、仮パスワードを一度だけ表示する
+    CreateUser {
+        #[arg(long)]
+        login_id: String,
+        /// 氏名
+        #[arg(long)]
+        name: String,
+        /// 所属（例: 総務部/情報政策課）。なければ作成する
+        #[arg(long)]
+        department: String,
+        /// user, department-admin, tenant-admin, auditor, support
+        #[arg(long, default_value = "user")]
+        role: String,
+        #[arg(long)]
+        email: Option<String>,
+        /// 自治体の識別名（既定: 設定の default_tenant）
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// 仮パスワードを再発行する（ロックも解除）
+    ResetPassword {
+        #[arg(long)]
+        login_id: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// 自治体（テナント）を作成する
+    CreateTenant {
+        /// 識別名（半角英数字、例: sample-city）
+        #[arg(long)]
+        slug: String,
+        /// 名称（例: サンプル市）
+        #[arg(long)]
+        name: String,
+        /// この自治体に割り当てるホスト名
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// 自治体の一覧
+    ListTenants,
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// 監査ログのハッシュチェーンを検証する（改ざん・削除・並べ替えの検出）
+    Verify,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("YAKUBA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let listen = match &cli.command {
+        Command::Serve { listen } => listen.clone(),
+        _ => None,
+    };
+    let flags = Overrides {
+        listen,
+        data_dir: cli.data_dir.clone(),
+        database_url: cli.database_url.clone(),
+    };
+    let config = match Config::load(cli.config.as_deref(), std::env::vars(), &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("エラー: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("エラー: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("エラー: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    match command {
+        Command::Serve { .. } => {
+            let listen = config.listen.clone();
+            let state = crate::build_state(config, clock)
+                .await
+                .map_err(|e| e.to_string())?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|e| format!("{listen} で待ち受けできません: {e}"))?;
+            tracing::info!(address = %listen, "yakuba is listening");
+            println!("yakuba を起動しました: http://{listen}/");
+            crate::serve(listener, state, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let (store, _) = crate::open_store(&config, clock.now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("データベースは最新の構造です。");
+            store.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin { command } => admin(command, &config, clock.as_ref()).await,
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let (store, _) = crate::open_store(&config, clock.now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            let reports = store.verify_audit().await.map_err(|e| e.to_string())?;
+            let tenants = store.list_tenants().await.map_err(|e| e.to_string())?;
+            let mut ok = true;
+            for r in reports {
+                let name = tenants
+                    .iter()
+                    .find(|t| t.id == r.tenant_id)
+                    .map(|t| t.slug.clone())
+                    .unwrap_or(r.tenant_id.clone());
+                match r.result {
+                    Ok(n) => {
+                        println!("OK  {name}: {n}件の記録を検証しました。改ざんは見つかりません。")
+                    }
+                    Err(b) => {
+                        ok = false;
+                        println!(
+                            "NG  {name}: 連番 {} で検証に失敗しました — {}",
+                            b.seq, b.reason
+                        );
+                    }
+                }
+            }
+            store.close().await;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+async fn tenant_of(
+    store: &Store,
+    config: &Config,
+    slug: Option<&str>,
+) -> Result<storage::Tenant, String> {
+    let slug = slug.unwrap_or(&config.default_tenant);
+    store.tenant_by_slug(slug).await.map_err(|e| match e {
+        storage::StorageError::NotFound => {
+            format!("自治体「{slug}」はありません（yakuba admin list-tenants で確認できます）")
+        }
+        other => other.to_string(),
+    })
+}
+
+fn cli_event(tenant_id: &str, now: i64) -> AuditEvent {
+    let who = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    AuditEvent {
+        tenant_id: tenant_id.to_string(),
+        at_ms: now,
+        actor_login: format!("cli:{who}"),
+        ip: "local".into(),
+        user_agent: "yakuba-cli".into(),
+        ..Default::default()
+    }
+}
+
+async fn admin(
+    command: AdminCommand,
+    config: &Config,
+    clock: &dyn Clock,
+) -> Result<ExitCode, String> {
+    let now = clock.now_ms();
+    let (store, _) = crate::open_store(config, now)
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = match command {
+        AdminCommand::CreateUser {
+            login_id,
+            name,
+            department,
+            role,
+            email,
+            tenant,
+        } => {
+            let t = tenant_of(&store, config, tenant.as_deref()).await?;
+            let login_id = domain::validate::login_id(&login_id)?;
+            let name = domain::validate::required_line("氏名", &name, 100)?;
+            let path = domain::validate::department_path(&department)?;
+            let email = domain::validate::email(email.as_deref().unwrap_or(""))?;
+            let role = Role::parse(&role.replace('-', "_")).ok_or(
+                "権限は user, department-admin, tenant-admin, auditor, support のいずれかです",
+            )?;
+            let ev = cli_event(&t.id, now);
+            let dept = store
+                .ensure_department_path(&t.id, &path, now, ev.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let temp = domain::password::generate_temporary(&t.settings.password);
+            let cost = config.hash_cost();
+            let t2 = temp.clone();
+            let hash = tokio::task::spawn_blocking(move || domain::password::hash(&t2, cost))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let hours = t.settings.password.temporary_valid_hours;
+            let nu = NewUser {
+                tenant_id: t.id.clone(),
+                login_id,
+                display_name: name,
+                email,
+                department_id: dept.id,
+                role,
+                password_hash: hash,
+                temporary_until: Some(now + i64::from(hours) * domain::clock::HOUR_MS),
+                now,
+            };
+            let u = store.create_user(&nu, ev).await.map_err(|e| match e {
+                storage::StorageError::Conflict(m) => m,
+                other => other.to_string(),
+            })?;
+            println!("ユーザーを作成しました。");
+            println!("  自治体:       {}（{}）", t.name, t.slug);
+            println!("  ログインID:   {}", u.login_id);
+            println!("  氏名:         {}", u.display_name);
+            println!("  所属:         {}", u.department_path);
+            println!("  権限:         {}", u.role.label());
+            println!("  仮パスワード: {temp}");
+            println!("仮パスワードは今回だけ表示されます。{hours}時間以内にログインし、新しいパスワードに変更してください。");
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::ResetPassword { login_id, tenant } => {
+            let t = tenant_of(&store, config, tenant.as_deref()).await?;
+            let u = store
+                .user_by_login(&t.id, &login_id)
+                .await
+                .map_err(|_| format!("ログインID「{login_id}」のユーザーはいません"))?;
+            let temp = domain::password::generate_temporary(&t.settings.password);
+            let cost = config.hash_cost();
+            let t2 = temp.clone();
+            let hash = tokio::task::spawn_blocking(move || domain::password::hash(&t2, cost))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let hours = t.settings.password.temporary_valid_hours;
+            store
+                .set_password(
+                    &t.id,
+                    &u.id,
+                    &hash,
+                    Some(now + i64::from(hours) * domain::clock::HOUR_MS),
+                    None,
+                    now,
+                    cli_event(&t.id, now),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}（{}）の仮パスワード: {temp}", u.display_name, u.login_id);
+            println!("仮パスワードは今回だけ表示されます。{hours}時間有効です。");
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::CreateTenant { slug, name, host } => {
+            let slug = domain::validate::login_id(&slug)
+                .map_err(|_| "識別名は半角英数字で指定してください".to_string())?;
+            let name = domain::validate::required_line("名称", &name, 100)?;
+            let ev = cli_event("", now);
+            let t = store
+                .create_tenant(&slug, &name, host.as_deref(), now, ev)
+                .await
+                .map_err(|e| match e {
+                    storage::StorageError::Conflict(m) => m,
+                    other => other.to_string(),
+                })?;
+            println!("自治体「{}」（{}）を作成しました。", t.name, t.slug);
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::ListTenants => {
+            for t in store.list_tenants().await.map_err(|e| e.to_string())? {
+                println!("{}\t{}\t{}", t.slug, t.name, t.host.unwrap_or_default());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    store.close().await;
+    result
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
