@@ -54,12 +54,12 @@ pub fn format_wareki(ms: i64) -> String {
         return "-".to_string();
     };
     let (y, m, d) = (t.year(), t.month(), t.day());
-    let key = y * 10_000 + m as i32 * 100 + d as i32;
-    let (era, start) = if key >= 2019_05_01 {
+    let key = (y, m, d);
+    let (era, start) = if key >= (2019, 5, 1) {
         ("令和", 2019)
-    } else if key >= 1989_01_08 {
+    } else if key >= (1989, 1, 8) {
         ("平成", 1989)
-    } else if key >= 1926_12_25 {
+    } else if key >= (1926, 12, 25) {
         ("昭和", 1926)
     } else {
         return format!("{y}年{m}月{d}日");

@@ -8,7 +8,7 @@ fn is_forbidden(c: char, multi_line: bool) -> bool {
         return false;
     }
     c.is_control()
-        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{FEFF}')
+        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{FEFF}' | '\u{FFFD}')
 }
 
 /// A required one-line text field of at most `max` characters, trimmed.

@@ -5,10 +5,11 @@
 use crate::app::{Authed, Shared};
 use crate::csvout;
 use crate::error::{AppError, AppResult};
+use crate::form::Form;
 use crate::ops::{self, UserInput, UserView};
 use crate::pages::{field_message, render, render_status, url_encode, Layout};
 use askama::Template;
-use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -84,7 +85,7 @@ fn number(n: i64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -2,7 +2,7 @@
 //! pages (it calls the same `ops`). Errors are `{"error": {"code", "message", "fields"}}`.
 
 use crate::admin::AuditQuery;
-use crate::app::{Authed, Ctx, Shared};
+use crate::app::{Authed, Ctx, Shared, TenantAdmin, UserAdmin};
 use crate::error::{AppError, AppResult};
 use crate::ops::{self, UserInput, UserView};
 use axum::body::Bytes;
@@ -176,7 +176,7 @@ struct DeptBody {
 
 async fn department_create(
     State(state): State<Shared>,
-    a: Authed,
+    TenantAdmin(a): TenantAdmin,
     JsonBody(b): JsonBody<DeptBody>,
 ) -> AppResult<(StatusCode, Json<Value>)> {
     let d =
@@ -207,7 +207,7 @@ struct RenameBody {
 
 async fn department_patch(
     State(state): State<Shared>,
-    a: Authed,
+    TenantAdmin(a): TenantAdmin,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<RenameBody>,
 ) -> AppResult<Json<Value>> {
@@ -270,7 +270,7 @@ async fn users(
 
 async fn user_create(
     State(state): State<Shared>,
-    a: Authed,
+    UserAdmin(a): UserAdmin,
     JsonBody(input): JsonBody<UserInput>,
 ) -> AppResult<(StatusCode, Json<Value>)> {
     let (u, temp) = ops::create_user(&state, &a, &input).await?;
@@ -291,7 +291,7 @@ async fn user_get(
 
 async fn user_patch(
     State(state): State<Shared>,
-    a: Authed,
+    UserAdmin(a): UserAdmin,
     Path(id): Path<String>,
     JsonBody(input): JsonBody<UserInput>,
 ) -> AppResult<Json<Value>> {
@@ -382,7 +382,7 @@ struct ImportQuery {
 /// The body is the CSV file itself (`Content-Type: text/csv`).
 async fn import(
     State(state): State<Shared>,
-    a: Authed,
+    TenantAdmin(a): TenantAdmin,
     Query(q): Query<ImportQuery>,
     body: Bytes,
 ) -> AppResult<Response> {
@@ -422,7 +422,7 @@ async fn settings_get(a: Authed) -> AppResult<Json<TenantSettings>> {
 
 async fn settings_put(
     State(state): State<Shared>,
-    a: Authed,
+    TenantAdmin(a): TenantAdmin,
     JsonBody(s): JsonBody<TenantSettings>,
 ) -> AppResult<Json<TenantSettings>> {
     ops::update_settings(&state, &a, &s).await?;

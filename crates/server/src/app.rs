@@ -207,6 +207,42 @@ impl<S: Send + Sync> FromRequestParts<S> for Authed {
     }
 }
 
+/// A signed-in tenant admin; anyone else is refused before the request body is read.
+pub struct TenantAdmin(pub Authed);
+
+impl<S: Send + Sync> FromRequestParts<S> for TenantAdmin {
+    type Rejection = AppError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let a = Authed::from_request_parts(parts, s).await?;
+        if domain::policy::can_manage_tenant(a.actor()) {
+            Ok(TenantAdmin(a))
+        } else {
+            Err(AppError::Forbidden)
+        }
+    }
+}
+
+/// A signed-in user who manages accounts (tenant or department admin).
+pub struct UserAdmin(pub Authed);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserAdmin {
+    type Rejection = AppError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let a = Authed::from_request_parts(parts, s).await?;
+        if domain::policy::user_scope(a.actor()).is_some() {
+            Ok(UserAdmin(a))
+        } else {
+            Err(AppError::Forbidden)
+        }
+    }
+}
+
 pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -390,7 +426,10 @@ async fn context(
                 return Err(AppError::Csrf);
             }
         }
-        if let Some(a) = &auth {
+        // Sign-in has its own protection: the pre-session token of the form, and for the
+        // API a JSON body, which no cross-site form can send.
+        let sign_in = path == "/login" || path == "/api/v1/auth/login";
+        if let Some(a) = auth.as_ref().filter(|_| !sign_in) {
             let (token, rebuilt) = csrf_token(req, state.config.security.max_import_bytes).await?;
             req = rebuilt;
             if !token.is_some_and(|t| same_secret(&t, &a.session.csrf)) {
@@ -580,8 +619,8 @@ pub fn router(state: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/static/{*path}", get(assets::serve))
         .merge(app)
-        .layer(middleware::from_fn_with_state(state.clone(), render_errors))
         .layer(middleware::from_fn_with_state(state.clone(), body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), render_errors))
         .layer(middleware::from_fn(security_headers))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod csvout;
 pub mod error;
+pub mod form;
 pub mod openapi;
 pub mod ops;
 pub mod pages;

@@ -94,7 +94,7 @@ pub async fn login(
         if u.locked_until.is_some_and(|t| t > now) {
             state
                 .store
-                .record_login_failure(&attempt, None, lockout, "locked", ev)
+                .record_login_failure(&attempt, Some(u), lockout, "locked", ev)
                 .await?;
             return Ok(Err(LoginError::Locked));
         }
@@ -129,16 +129,25 @@ pub async fn login(
     if u.status != UserStatus::Active {
         state
             .store
-            .record_login_failure(&attempt, None, lockout, "disabled", ev)
+            .record_login_failure(&attempt, Some(&u), lockout, "disabled", ev)
             .await?;
         return Ok(Err(LoginError::Invalid));
     }
     if u.password_temporary && u.password_expires_at.is_some_and(|t| t <= now) {
         state
             .store
-            .record_login_failure(&attempt, None, lockout, "temporary_expired", ev)
+            .record_login_failure(&attempt, Some(&u), lockout, "temporary_expired", ev)
             .await?;
         return Ok(Err(LoginError::TemporaryExpired));
+    }
+    // Signing in again from the same browser replaces the session it had.
+    if let Some(old) = &ctx.auth {
+        let ev = ctx.audit().with(
+            "auth.session_end",
+            format!("user:{}", old.user.id),
+            serde_json::json!({"reason": "replaced"}),
+        );
+        state.store.end_session(&old.session.id, Some(ev)).await?;
     }
     // A fresh session id at every sign-in: 256 random bits.
     let token = domain::ids::random_token(32);

@@ -3,9 +3,10 @@
 
 use crate::app::{cookie_value, same_secret, Authed, Ctx, Shared};
 use crate::error::{AppError, AppResult, ErrorInfo};
+use crate::form::Form;
 use crate::ops;
 use askama::Template;
-use axum::extract::{Form, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;

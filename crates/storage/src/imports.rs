@@ -72,6 +72,7 @@ impl Store {
 
     /// Applies a plan: `password_hashes[i]` belongs to `plan.users[i]`. A login id taken in
     /// the meantime aborts the whole import.
+    #[allow(clippy::too_many_arguments)] // one transaction's worth of inputs
     pub async fn apply_import(
         &self,
         tenant_id: &str,

@@ -86,7 +86,7 @@ impl Store {
                 .filter(|t| *t <= a.now)
                 .max()
                 .unwrap_or(window_start);
-            let r = sqlx::query("SELECT COUNT(*) AS n FROM login_attempts WHERE tenant_id = $1 AND user_id = $2 AND success = 0 AND at >= $3")
+            let r = sqlx::query("SELECT COUNT(*) AS n FROM login_attempts WHERE tenant_id = $1 AND user_id = $2 AND success = 0 AND at > $3")
                 .bind(a.tenant_id)
                 .bind(&u.id)
                 .bind(since)

@@ -472,6 +472,7 @@ impl Store {
     /// Stores a new password hash. A temporary one (`temporary_until`) is what an admin
     /// issues; it ends every session of the account. A permanent one set by the user keeps
     /// `keep_session` and ends the others.
+    #[allow(clippy::too_many_arguments)] // one transaction's worth of inputs
     pub async fn set_password(
         &self,
         tenant_id: &str,

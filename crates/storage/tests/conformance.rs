@@ -358,8 +358,10 @@ async fn tenants_departments_and_users() {
         ));
 
         // Settings round trip.
-        let mut st = TenantSettings::default();
-        st.banner = "許可された職員のみ".into();
+        let st = TenantSettings {
+            banner: "許可された職員のみ".into(),
+            ..Default::default()
+        };
         s.update_tenant_settings(&t.id, &st, ev_t(&t.id))
             .await
             .unwrap();

@@ -1,0 +1,85 @@
+//! URL-encoded forms, read strictly: bytes that do not decode to UTF-8 are refused with a
+//! Japanese message instead of being replaced with U+FFFD and stored.
+
+use crate::error::AppError;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+pub struct Form<T>(pub T);
+
+const UNREADABLE: &str = "送信された内容を読み取れません。使用できない文字（不正な UTF-8 など）が含まれていないか確認してください。";
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// True when every key and value percent-decodes to valid UTF-8.
+pub fn decodes_to_utf8(body: &[u8]) -> bool {
+    body.split(|b| *b == b'&' || *b == b'=').all(|part| {
+        let mut out = Vec::with_capacity(part.len());
+        let mut i = 0;
+        while i < part.len() {
+            match part[i] {
+                b'%' if i + 2 < part.len() => match (hex(part[i + 1]), hex(part[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push(h * 16 + l);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                },
+                b'+' => out.push(b' '),
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        std::str::from_utf8(&out).is_ok()
+    })
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Form<T> {
+    type Rejection = AppError;
+    async fn from_request(req: Request, s: &S) -> Result<Self, Self::Rejection> {
+        let is_form = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if !is_form {
+            return Err(AppError::BadRequest(UNREADABLE.into()));
+        }
+        let bytes = Bytes::from_request(req, s).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::TooLarge
+            } else {
+                AppError::BadRequest(UNREADABLE.into())
+            }
+        })?;
+        if !decodes_to_utf8(&bytes) {
+            return Err(AppError::BadRequest(UNREADABLE.into()));
+        }
+        serde_urlencoded::from_bytes(&bytes)
+            .map(Form)
+            .map_err(|_| AppError::BadRequest(UNREADABLE.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_check() {
+        assert!(decodes_to_utf8(b"name=%E7%B7%8F%E5%8B%99&x=a+b"));
+        assert!(!decodes_to_utf8(b"name=%FF%FE"));
+        assert!(!decodes_to_utf8(b"name=\xff"));
+        assert!(decodes_to_utf8(b"a=100%"));
+    }
+}

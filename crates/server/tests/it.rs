@@ -1,0 +1,1372 @@
+//! Integration tests against the real server, in-process on 127.0.0.1:0, over real SQLite,
+//! with a clock the tests move (no sleeps).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use domain::clock::{HOUR_MS, MINUTE_MS};
+use domain::Role;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use testkit::{Client, TestServer, PASSWORD};
+
+const INVALID: &str = "ログインIDまたはパスワードが正しくありません。";
+
+async fn admin(s: &TestServer) -> Client {
+    s.signed_in("admin01", "総務部/情報政策課", Role::TenantAdmin)
+        .await
+        .0
+}
+
+// ---------------------------------------------------------------- operations
+
+#[tokio::test]
+async fn health_static_and_headers() {
+    let s = TestServer::start().await;
+    let c = s.client();
+    assert_eq!(c.get_text("/healthz").await, (StatusCode::OK, "ok".into()));
+    assert_eq!(c.get("/readyz").await.status(), StatusCode::OK);
+    let r = c.get("/static/htmx.min.js").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("htmx"));
+    assert_eq!(c.get("/static/tokens.css").await.status(), StatusCode::OK);
+    assert_eq!(
+        c.get("/static/../Cargo.toml").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = c.get("/login").await;
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("default-src 'self'")
+            && csp.contains("script-src 'self'")
+            && !csp.contains("unsafe-inline")
+    );
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert!(r.headers().contains_key("x-request-id"));
+    let html = r.text().await.unwrap();
+    assert!(
+        !html.contains("<script>") && !html.contains("style="),
+        "no inline script or style"
+    );
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "nothing from outside"
+    );
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- sign-in
+
+#[tokio::test]
+async fn first_sign_in_forces_password_change() {
+    let s = TestServer::start().await;
+    let (_, temp) = s.create_user("tanaka", "税務部/市民税課", Role::User).await;
+    let c = s.client();
+
+    let (st, body) = c.login("tanaka", &temp).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body["password_change_required"], true);
+    assert_eq!(body["previous_login_at"], Value::Null);
+
+    // Until the change, nothing but the change form works.
+    let (st, body) = c.get_json("/api/v1/admin/users").await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"]["code"], "password_change_required");
+    let r = c.get("/").await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/password");
+    assert_eq!(c.get_json("/api/v1/auth/me").await.0, StatusCode::OK);
+
+    // Weak, common, containing the login id, same as current: refused with reasons.
+    for (bad, needle) in [
+        ("short", "12文字以上"),
+        ("password1234", "推測されやすい"),
+        ("xx-tanaka-horse-battery", "ログインID"),
+        (temp.as_str(), "同じ"),
+    ] {
+        let (st, body) = c
+            .post_json(
+                "/api/v1/auth/password",
+                &json!({"current_password": temp, "new_password": bad}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        assert!(
+            body["error"]["fields"].to_string().contains(needle),
+            "{bad}: {body}"
+        );
+    }
+    let (st, body) = c
+        .post_json(
+            "/api/v1/auth/password",
+            &json!({"current_password": "wrong", "new_password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body
+        .to_string()
+        .contains("現在のパスワードが正しくありません"));
+    // 64 characters are fine.
+    let long = "長い合言葉".repeat(12) + "ABCD";
+    assert_eq!(long.chars().count(), 64);
+    let (st, _) = c
+        .post_json(
+            "/api/v1/auth/password",
+            &json!({"current_password": temp, "new_password": long}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(c.get("/").await.status(), StatusCode::OK);
+
+    // The temporary password no longer works; the new one does.
+    let c2 = s.client();
+    assert_eq!(c2.login("tanaka", &temp).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(c2.login("tanaka", &long).await.0, StatusCode::OK);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn temporary_password_expires_after_72_hours() {
+    let s = TestServer::start().await;
+    let (_, temp) = s.create_user("expiring", "総務部", Role::User).await;
+    s.clock.advance_ms(72 * HOUR_MS + MINUTE_MS);
+    let (st, body) = s.client().login("expiring", &temp).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "temporary_password_expired");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("有効期限"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn same_message_for_unknown_user_and_wrong_password() {
+    let s = TestServer::start().await;
+    let (_, _) = s.signed_in("known", "総務部", Role::User).await;
+    let c = s.client();
+    let (s1, b1) = c.login("known", "wrong-password-here").await;
+    let (s2, b2) = c.login("nobody", "wrong-password-here").await;
+    let (s3, b3) = c.login("<script>", "x").await;
+    assert_eq!(
+        (s1, s2, s3),
+        (
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED
+        )
+    );
+    assert_eq!(b1, b2);
+    assert_eq!(b1, b3);
+    assert_eq!(b1["error"]["message"], INVALID);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn lockout_after_failures_with_stricter_rules_for_admins() {
+    let s = TestServer::start().await;
+    let (_, staff) = s.signed_in("staff1", "総務部", Role::User).await;
+    let (_, _) = s.signed_in("boss1", "総務部", Role::TenantAdmin).await;
+    s.clock.advance_minutes(1);
+    let c = s.client();
+    // Staff: 5 failures in 15 minutes lock for 15 minutes.
+    for i in 0..4 {
+        let (st, _) = c.login("staff1", "bad").await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    let (st, body) = c.login("staff1", "bad").await;
+    assert_eq!(st, StatusCode::LOCKED);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ロック"));
+    // The right password does not open a locked account.
+    assert_eq!(c.login("staff1", PASSWORD).await.0, StatusCode::LOCKED);
+    s.clock.advance_minutes(16);
+    let (st, body) = c.login("staff1", PASSWORD).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    // The notice after sign-in counts the failures since the previous sign-in.
+    assert_eq!(body["failures_since_previous_login"], 6);
+    assert!(body["previous_login_at"].is_string());
+    let _ = staff;
+
+    // Admins: 3 failures lock.
+    for _ in 0..2 {
+        assert_eq!(c.login("boss1", "bad").await.0, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(c.login("boss1", "bad").await.0, StatusCode::LOCKED);
+    s.clock.advance_minutes(59);
+    assert_eq!(c.login("boss1", PASSWORD).await.0, StatusCode::LOCKED);
+    s.clock.advance_minutes(2);
+    assert_eq!(c.login("boss1", PASSWORD).await.0, StatusCode::OK);
+
+    // Failures spread beyond the window do not lock.
+    for _ in 0..4 {
+        assert_eq!(c.login("staff1", "bad").await.0, StatusCode::UNAUTHORIZED);
+        s.clock.advance_minutes(5);
+    }
+    assert_eq!(c.login("staff1", "bad").await.0, StatusCode::UNAUTHORIZED);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn idle_and_absolute_time_outs() {
+    let s = TestServer::start().await;
+    let (c, _) = s.signed_in("idle", "総務部", Role::User).await;
+    s.clock.advance_minutes(29);
+    assert_eq!(c.get_json("/api/v1/auth/me").await.0, StatusCode::OK);
+    s.clock.advance_minutes(31);
+    assert_eq!(
+        c.get_json("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Active all day: the absolute limit (12 h) still ends the session.
+    let c = s.client();
+    assert_eq!(c.login("idle", PASSWORD).await.0, StatusCode::OK);
+    for _ in 0..(12 * 60 / 20) {
+        s.clock.advance_minutes(20);
+        assert_eq!(c.get_json("/api/v1/auth/me").await.0, StatusCode::OK);
+    }
+    s.clock.advance_minutes(20);
+    assert_eq!(
+        c.get_json("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Admins time out sooner (15 min idle).
+    let (a, _) = s.signed_in("adm", "総務部", Role::TenantAdmin).await;
+    s.clock.advance_minutes(16);
+    assert_eq!(
+        a.get_json("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Pages send a timed-out user to the sign-in page, keeping where they were going.
+    let r = a.get("/admin/users?q=x").await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/login?next=/admin/users%3Fq%3Dx");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn session_renewed_at_sign_in_and_ended_by_sign_out() {
+    let s = TestServer::start().await;
+    let (_, _) = s.signed_in("renew", "総務部", Role::User).await;
+    let token = |r: &reqwest::Response| {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .find(|v| v.starts_with("yakuba_session="))
+            .unwrap()
+    };
+    let c = s.client();
+    let r1 = c
+        .http
+        .post(c.url("/api/v1/auth/login"))
+        .json(&json!({"login_id": "renew", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let r2 = c
+        .http
+        .post(c.url("/api/v1/auth/login"))
+        .json(&json!({"login_id": "renew", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let (t1, t2) = (token(&r1), token(&r2));
+    assert_ne!(t1, t2);
+    assert!(t1.contains("HttpOnly") && t1.contains("SameSite=Strict"));
+    let value = t1
+        .split(';')
+        .next()
+        .unwrap()
+        .trim_start_matches("yakuba_session=")
+        .to_string();
+    assert!(value.len() >= 32, "at least 128 bits");
+
+    let b: Value = r2.json().await.unwrap();
+    *c.csrf.lock().unwrap() = Some(b["csrf_token"].as_str().unwrap().into());
+    let (st, _) = c.send_json(Method::POST, "/api/v1/auth/logout", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    // The old cookie is worthless even if presented again.
+    let old = reqwest::Client::new();
+    let r = old
+        .get(c.url("/api/v1/auth/me"))
+        .header("cookie", format!("yakuba_session={value}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn secure_cookies_behind_tls_proxy() {
+    let s = TestServer::start_with(|c| c.cookie_secure = true).await;
+    let (_, temp) = s.create_user("sec", "総務部", Role::User).await;
+    let c = s.client();
+    let r = c
+        .http
+        .post(c.url("/api/v1/auth/login"))
+        .json(&json!({"login_id": "sec", "password": temp}))
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.starts_with("__Host-yakuba_session=") && cookie.contains("; Secure"),
+        "{cookie}"
+    );
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- CSRF
+
+#[tokio::test]
+async fn csrf_is_required_on_every_state_change() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let body = json!({"name": "新設課"});
+    // No token, a wrong token, a foreign Origin.
+    let r = a
+        .http
+        .post(a.url("/api/v1/admin/departments"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "csrf");
+    let r = a
+        .http
+        .post(a.url("/api/v1/admin/departments"))
+        .header("x-csrf-token", "0".repeat(64))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = a
+        .http
+        .post(a.url("/api/v1/admin/departments"))
+        .header("x-csrf-token", a.csrf())
+        .header("origin", "http://evil.example")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // A form post without the field, and one replaying another session's token.
+    let r = a
+        .http
+        .post(a.url("/admin/departments"))
+        .form(&[("name", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(r.text().await.unwrap().contains("画面の有効期限"));
+    let (other, _) = s.signed_in("admin02", "総務部", Role::TenantAdmin).await;
+    let r = a
+        .http
+        .post(a.url("/admin/departments"))
+        .form(&[("_csrf", other.csrf().as_str()), ("name", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // And with the right token it works.
+    let r = a
+        .post_form(
+            "/admin/departments",
+            &[("name", "新設課"), ("parent_id", "")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    // A forged sign-in form (no pre-session token) is refused.
+    let c = s.client();
+    let r = c
+        .http
+        .post(c.url("/login"))
+        .form(&[("login_id", "admin01"), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- pages
+
+#[tokio::test]
+async fn pages_sign_in_with_banner_and_notice() {
+    let s = TestServer::start().await;
+    let (_, temp) = s
+        .create_user("pageuser", "福祉部/介護保険課", Role::User)
+        .await;
+    let c = s.client();
+    let (st, html) = c.get_text("/login").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(html.contains("許可された職員のみ"), "default banner");
+    s.clock.advance_minutes(1);
+    let pre = html
+        .split("name=\"_csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = c
+        .http
+        .post(c.url("/login"))
+        .form(&[
+            ("_csrf", pre.as_str()),
+            ("login_id", "pageuser"),
+            ("password", "nope"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let html = r.text().await.unwrap();
+    assert!(html.contains(INVALID));
+    assert!(
+        html.contains("value=\"pageuser\""),
+        "what was typed is kept"
+    );
+    let pre = html
+        .split("name=\"_csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    s.clock.advance_minutes(1);
+    let r = c
+        .http
+        .post(c.url("/login"))
+        .form(&[
+            ("_csrf", pre.as_str()),
+            ("login_id", "pageuser"),
+            ("password", temp.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/password");
+    let (_, html) = c.get_text("/password").await;
+    assert!(html.contains("仮パスワードでログインしました"));
+    let csrf = html
+        .split("name=\"_csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    *c.csrf.lock().unwrap() = Some(csrf);
+    let r = c
+        .post_form(
+            "/password",
+            &[
+                ("current_password", &temp),
+                ("new_password", "abc"),
+                ("confirm_password", "abd"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("12文字以上") && html.contains("一致しません"));
+    let r = c
+        .post_form(
+            "/password",
+            &[
+                ("current_password", &temp),
+                ("new_password", PASSWORD),
+                ("confirm_password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (_, html) = c.get_text("/?notice=password_changed").await;
+    assert!(html.contains("パスワードを変更しました"));
+    assert!(html.contains("今回が初めてのログインです"));
+
+    // Next sign-in shows the previous time in JST and the failures since.
+    s.clock.advance_ms(2 * HOUR_MS);
+    let c2 = s.client();
+    c2.login("pageuser", "wrong").await;
+    let (st, _) = c2.login("pageuser", PASSWORD).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, html) = c2.get_text("/").await;
+    assert!(
+        html.contains("2026年4月1日 (水) 09:02"),
+        "previous sign-in in JST"
+    );
+    assert!(html.contains("<strong>1回</strong>のログイン失敗"));
+
+    // Staff do not see the admin menu and admin pages answer 403.
+    assert!(!html.contains("/admin/users"));
+    let (st, html) = c2.get_text("/admin/users").await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(html.contains("権限がありません"));
+    // Unknown pages are a Japanese 404.
+    let (st, html) = c2.get_text("/no/such/page").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert!(html.contains("見つかりませんでした"));
+    // Open redirects are refused.
+    let (_, html) = s.client().get_text("/login?next=//evil.example/").await;
+    assert!(html.contains("name=\"next\" value=\"/\""));
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- accounts
+
+#[tokio::test]
+async fn account_lifecycle_and_sessions_end_on_disable() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let (_, depts) = a.get_json("/api/v1/admin/departments").await;
+    let dept_id = depts["departments"][0]["id"].as_str().unwrap().to_string();
+
+    let (st, body) = a
+        .post_json("/api/v1/admin/users", &json!({"login_id": "Suzuki.Hanako", "display_name": "鈴木 花子", "department_id": dept_id, "role": "user", "email": "hanako@city.example.lg.jp"}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let id = body["user"]["id"].as_str().unwrap().to_string();
+    let temp = body["temporary_password"].as_str().unwrap().to_string();
+    assert_eq!(body["user"]["login_id"], "suzuki.hanako");
+    // Duplicate login id (case-insensitive).
+    let (st, body) = a.post_json("/api/v1/admin/users", &json!({"login_id": "SUZUKI.hanako", "display_name": "x", "department_id": dept_id, "role": "user"})).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body.to_string().contains("既に使われています"));
+
+    let staff = s.client();
+    staff.activate("suzuki.hanako", &temp).await;
+    assert_eq!(staff.get_json("/api/v1/auth/me").await.0, StatusCode::OK);
+
+    // Move department (異動), then disable: the live session ends at once.
+    let (_, d2) = a
+        .post_json("/api/v1/admin/departments", &json!({"name": "福祉部"}))
+        .await;
+    let (st, body) = a
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v1/admin/users/{id}"),
+            Some(&json!({"department_id": d2["id"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["department_path"], "福祉部");
+    let (st, _) = a
+        .post_json(&format!("/api/v1/admin/users/{id}/disable"), &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        staff.get_json("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (st, body) = staff.login("suzuki.hanako", PASSWORD).await;
+    assert_eq!(
+        (st, body["error"]["message"].as_str().unwrap()),
+        (StatusCode::UNAUTHORIZED, INVALID)
+    );
+    a.post_json(&format!("/api/v1/admin/users/{id}/enable"), &json!({}))
+        .await;
+    assert_eq!(
+        staff.login("suzuki.hanako", PASSWORD).await.0,
+        StatusCode::OK
+    );
+
+    // Reset: a new temporary password, sessions end.
+    let (st, body) = a
+        .post_json(
+            &format!("/api/v1/admin/users/{id}/reset-password"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        staff.get_json("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let new_temp = body["temporary_password"].as_str().unwrap().to_string();
+    assert_eq!(
+        staff.login("suzuki.hanako", &new_temp).await.1["password_change_required"],
+        true
+    );
+
+    // Delete ends sessions too, and the id is gone.
+    let (st, _) = a
+        .send_json(Method::DELETE, &format!("/api/v1/admin/users/{id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(
+        staff.get_json("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        a.get_json(&format!("/api/v1/admin/users/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // The last tenant admin cannot be removed, not even by themselves.
+    let (_, me) = a.get_json("/api/v1/auth/me").await;
+    let my_id = me["user"]["id"].as_str().unwrap();
+    let (st, _) = a
+        .post_json(&format!("/api/v1/admin/users/{my_id}/disable"), &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+
+    // Unused-account report: after 100 days, everyone who has not signed in since.
+    s.clock.advance_ms(100 * 24 * HOUR_MS);
+    let a = s.client();
+    a.login("admin01", PASSWORD).await;
+    let (st, body) = a.get_json("/api/v1/admin/users/unused?days=90").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body["total"], 0, "admin just signed in: {body}");
+    s.create_user("never", "総務部", Role::User).await;
+    s.clock.advance_ms(91 * 24 * HOUR_MS);
+    a.login("admin01", PASSWORD).await;
+    let (_, body) = a.get_json("/api/v1/admin/users/unused?days=90").await;
+    assert_eq!(body["users"][0]["login_id"], "never");
+    let r = a.get("/admin/users/unused.csv?days=90").await;
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(&bytes[..3], &[0xEF, 0xBB, 0xBF]);
+    assert!(String::from_utf8_lossy(&bytes).contains("never"));
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- authorisation
+
+/// Every API route in the source is documented, and every documented route is checked
+/// against anonymous callers and staff without admin rights.
+#[tokio::test]
+async fn authorisation_matrix_over_every_api_route() {
+    let doc: Value = serde_json::from_str(server::openapi::DOCUMENT).unwrap();
+    let src = include_str!("../src/api.rs");
+    let table = src.split("pub fn routes").nth(1).unwrap();
+    let mut in_source: Vec<String> = table
+        .split("\"/api/")
+        .skip(1)
+        .map(|s| format!("/api/{}", s.split('"').next().unwrap()))
+        .collect();
+    in_source.sort();
+    let mut documented: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    documented.sort();
+    assert_eq!(
+        in_source, documented,
+        "every API route is in the OpenAPI document and nothing else"
+    );
+
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let (staff, _) = s.signed_in("plain", "税務部", Role::User).await;
+    let (auditor, _) = s.signed_in("audit1", "総務部", Role::Auditor).await;
+    let (support, _) = s.signed_in("help1", "総務部", Role::Support).await;
+    let (_, victim) = s.signed_in("victim", "税務部", Role::User).await;
+    let anon = s.client();
+    let fake_id = "0".repeat(32);
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let p = path.replace("{id}", &victim.id);
+            let body = json!({"name": "x"});
+            let public = path == "/api/v1/auth/login" || path == "/api/v1/openapi.json";
+            if !public {
+                let (st, _) = anon.send_json(m.clone(), &p, Some(&body)).await;
+                assert_eq!(st, StatusCode::UNAUTHORIZED, "anonymous {method} {path}");
+            }
+            if path.starts_with("/api/v1/admin/") {
+                for (who, c) in [("staff", &staff), ("support", &support)] {
+                    let (st, _) = c.send_json(m.clone(), &p, Some(&body)).await;
+                    assert!(
+                        st == StatusCode::FORBIDDEN || st == StatusCode::NOT_FOUND,
+                        "{who} {method} {path}: {st}"
+                    );
+                }
+                let (st, _) = auditor.send_json(m.clone(), &p, Some(&body)).await;
+                if path == "/api/v1/admin/audit" {
+                    assert_eq!(st, StatusCode::OK);
+                } else {
+                    assert!(
+                        st == StatusCode::FORBIDDEN || st == StatusCode::NOT_FOUND,
+                        "auditor {method} {path}: {st}"
+                    );
+                }
+                if path.contains("{id}") {
+                    let (st, _) = a
+                        .send_json(m.clone(), &path.replace("{id}", &fake_id), Some(&body))
+                        .await;
+                    assert_eq!(st, StatusCode::NOT_FOUND, "unknown id {method} {path}");
+                    let (st, _) = a
+                        .send_json(m.clone(), &path.replace("{id}", "../../etc"), Some(&body))
+                        .await;
+                    assert!(
+                        st == StatusCode::NOT_FOUND || st == StatusCode::BAD_REQUEST,
+                        "odd id {method} {path}"
+                    );
+                }
+            }
+        }
+    }
+    // The victim was not touched by any of that.
+    let (_, v) = a
+        .get_json(&format!("/api/v1/admin/users/{}", victim.id))
+        .await;
+    assert_eq!(v["status"], "active");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn other_tenants_and_other_departments_answer_404() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    // A second city in the same deployment.
+    let ev = s.audit();
+    let other = s
+        .state
+        .store
+        .create_tenant("yoso", "よそ町", Some("yoso.example"), s.now(), ev)
+        .await
+        .unwrap();
+    let (ou, _) = s
+        .create_user_in(other.id.clone(), "outsider", "総務課", Role::User)
+        .await;
+    let other_dept = s
+        .state
+        .store
+        .department_by_path(&other.id, "総務課")
+        .await
+        .unwrap();
+    for (m, p) in [
+        (Method::GET, format!("/api/v1/admin/users/{}", ou.id)),
+        (Method::PATCH, format!("/api/v1/admin/users/{}", ou.id)),
+        (Method::DELETE, format!("/api/v1/admin/users/{}", ou.id)),
+        (
+            Method::POST,
+            format!("/api/v1/admin/users/{}/disable", ou.id),
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/admin/users/{}/reset-password", ou.id),
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/admin/departments/{}", other_dept.id),
+        ),
+        (
+            Method::DELETE,
+            format!("/api/v1/admin/departments/{}", other_dept.id),
+        ),
+    ] {
+        let (st, _) = a
+            .send_json(m.clone(), &p, Some(&json!({"name": "x"})))
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{m} {p}");
+    }
+    assert_eq!(
+        a.get_text(&format!("/admin/users/{}", ou.id)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // Another tenant's department cannot be given to one of ours.
+    let (_, me) = a.get_json("/api/v1/auth/me").await;
+    let (st, _) = a
+        .post_json("/api/v1/admin/users", &json!({"login_id": "mixup", "display_name": "混同", "department_id": other_dept.id, "role": "user"}))
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    let _ = me;
+    // Nobody from the other city appears in our lists.
+    let (_, list) = a.get_json("/api/v1/admin/users?limit=500").await;
+    assert!(!list.to_string().contains("outsider"));
+    // And the other city's staff sign in only to their own city.
+    let c = s.client();
+    let (st, _) = c.login("outsider", "anything").await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+
+    // Department admins manage ordinary staff of their own subtree only.
+    let (da, _) = s
+        .signed_in("fukushi_admin", "福祉部", Role::DepartmentAdmin)
+        .await;
+    let (_, mine) = s.signed_in("kaigo1", "福祉部/介護保険課", Role::User).await;
+    let (_, theirs) = s.signed_in("zeimu1", "税務部/市民税課", Role::User).await;
+    let (_, peer_admin) = s
+        .signed_in("fukushi_admin2", "福祉部", Role::DepartmentAdmin)
+        .await;
+    let (_, list) = da.get_json("/api/v1/admin/users?limit=500").await;
+    let logins: Vec<&str> = list["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["login_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        logins.contains(&"kaigo1") && !logins.contains(&"zeimu1") && !logins.contains(&"admin01"),
+        "{logins:?}"
+    );
+    assert_eq!(
+        da.get_json(&format!("/api/v1/admin/users/{}", theirs.id))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        da.post_json(
+            &format!("/api/v1/admin/users/{}/disable", theirs.id),
+            &json!({})
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        da.post_json(
+            &format!("/api/v1/admin/users/{}/disable", peer_admin.id),
+            &json!({})
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        da.post_json(
+            &format!("/api/v1/admin/users/{}/disable", mine.id),
+            &json!({})
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    // …and cannot make anyone an admin, nor move staff out of their subtree.
+    let (st, _) = da
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v1/admin/users/{}", mine.id),
+            Some(&json!({"role": "tenant_admin"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let zeimu_dept = s
+        .state
+        .store
+        .department_by_path(s.tenant_id(), "税務部/市民税課")
+        .await
+        .unwrap();
+    let (st, _) = da
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v1/admin/users/{}", mine.id),
+            Some(&json!({"department_id": zeimu_dept.id})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // Demotion takes effect on the open session at once.
+    let (st, _) = a
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v1/admin/users/{}", peer_admin.id),
+            Some(&json!({"role": "user"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- import
+
+#[tokio::test]
+async fn import_600_staff_from_shift_jis() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let csv = testkit::shift_jis(&testkit::staff_csv(600, 20));
+    let post = |q: &'static str, body: Vec<u8>| {
+        let a = &a;
+        async move {
+            let r = a
+                .http
+                .post(a.url(&format!("/api/v1/admin/users/import{q}")))
+                .header("x-csrf-token", a.csrf())
+                .header("content-type", "text/csv")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let st = r.status();
+            (st, r.json::<Value>().await.unwrap())
+        }
+    };
+    // Unknown departments are errors unless asked to create them.
+    let (st, body) = post("?dry_run=true", csv.clone()).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["error"]["rows"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("登録されていません"));
+    let (st, body) = post("?dry_run=true&create_departments=true", csv.clone()).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["plan"]["users"].as_array().unwrap().len(), 600);
+    assert_eq!(body["plan"]["encoding"], "Shift_JIS");
+    assert_eq!(
+        body["plan"]["departments_to_create"]
+            .as_array()
+            .unwrap()
+            .len(),
+        24,
+        "4 部 + 20 課 (総務部 exists)"
+    );
+    // A dry run writes nothing.
+    assert_eq!(
+        a.get_json("/api/v1/admin/users?q=staff").await.1["total"],
+        0
+    );
+
+    let (st, body) = post("?create_departments=true", csv.clone()).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["users_created"], 600);
+    let issued = body["issued"].as_array().unwrap();
+    let first = issued
+        .iter()
+        .find(|u| u["login_id"] == "staff0002")
+        .unwrap();
+    assert_eq!(first["display_name"], "鈴木 一郎");
+    assert_eq!(
+        a.get_json("/api/v1/admin/users?q=staff&limit=1").await.1["total"],
+        600
+    );
+
+    // An imported person signs in with the temporary password and must change it.
+    let c = s.client();
+    let (st, body) = c
+        .login("staff0002", first["temporary_password"].as_str().unwrap())
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body["password_change_required"], true);
+    assert_eq!(body["user"]["department_path"], "税務部/企画課");
+
+    // The same file again: every row is a duplicate, nothing is written.
+    let (st, body) = post("?create_departments=true", csv).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["rows"].as_array().unwrap().len(), 600);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn import_half_valid_file_writes_nothing_and_lists_rows() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let text = "ログインID,氏名,所属,権限\r\nok1,正しい 行,総務部,一般職員\r\nok1,重複 行,総務部,一般職員\r\nbad id,空白入り,総務部,\r\nctl,制御\u{7}文字,総務部,\r\nrole1,権限誤り,総務部,神\r\nlong1,".to_string() + &"長".repeat(101) + ",総務部,\r\nunk1,未登録,どこにもない部,\r\n\"broken,\"引用\r\n";
+    let r = a
+        .http
+        .post(a.url("/api/v1/admin/users/import"))
+        .header("x-csrf-token", a.csrf())
+        .body(testkit::shift_jis(&text))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = r.json().await.unwrap();
+    let rows = body["error"]["rows"].as_array().unwrap();
+    let lines: Vec<i64> = rows.iter().map(|r| r["line"].as_i64().unwrap()).collect();
+    for l in [3, 4, 5, 6, 7, 8] {
+        assert!(lines.contains(&l), "line {l} reported: {rows:?}");
+    }
+    assert!(body.to_string().contains("制御文字"));
+    assert_eq!(
+        a.get_json("/api/v1/admin/users?q=ok1").await.1["total"],
+        0,
+        "nothing half-written"
+    );
+    // Garbage, empty and header-only files.
+    for bad in [
+        vec![0xff, 0xfe, 0x00, 0x81, 0x00],
+        vec![],
+        "ログインID,氏名,所属\r\n".as_bytes().to_vec(),
+    ] {
+        let r = a
+            .http
+            .post(a.url("/api/v1/admin/users/import"))
+            .header("x-csrf-token", a.csrf())
+            .body(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn import_through_the_pages_with_preview() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let csv = testkit::shift_jis(&testkit::staff_csv(30, 4));
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(csv)
+                .file_name("職員.csv")
+                .mime_str("text/csv")
+                .unwrap(),
+        )
+        .text("create_departments", "1");
+    let r = a
+        .http
+        .post(a.url(&format!("/admin/users/import?_csrf={}", a.csrf())))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("30人") && html.contains("Shift_JIS"),
+        "preview"
+    );
+    assert!(html.contains("福祉部/企画課"));
+    assert_eq!(
+        a.get_json("/api/v1/admin/users?q=staff").await.1["total"],
+        0,
+        "preview writes no account"
+    );
+    let action = html
+        .split("action=\"/admin/users/import/")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = a
+        .post_form(&format!("/admin/users/import/{action}"), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("30人のユーザー"));
+    assert_eq!(
+        a.get_json("/api/v1/admin/users?q=staff").await.1["total"],
+        30
+    );
+    // Confirming twice does not import twice.
+    let r = a
+        .post_form(&format!("/admin/users/import/{action}"), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[tokio::test]
+async fn bad_input_gets_japanese_messages_and_no_5xx() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let (_, depts) = a.get_json("/api/v1/admin/departments").await;
+    let dept = depts["departments"][0]["id"].as_str().unwrap().to_string();
+    let cases = [
+        json!({"login_id": "ok_1", "display_name": "山田\u{0}太郎", "department_id": dept, "role": "user"}),
+        json!({"login_id": "ok_2", "display_name": "山田\u{202E}太郎", "department_id": dept, "role": "user"}),
+        json!({"login_id": "ok_3", "display_name": "長".repeat(101), "department_id": dept, "role": "user"}),
+        json!({"login_id": "a\r\nb", "display_name": "改行", "department_id": dept, "role": "user"}),
+        json!({"login_id": "ok_4", "display_name": "権限", "department_id": dept, "role": "god"}),
+        json!({"login_id": "ok_5", "display_name": "部署", "department_id": "x", "role": "user"}),
+        json!({"login_id": "ok_6", "display_name": "メール", "department_id": dept, "role": "user", "email": "not-an-email"}),
+    ];
+    for c in cases {
+        let (st, body) = a.post_json("/api/v1/admin/users", &c).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{c}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.chars()
+                .any(|ch| ('\u{3040}'..='\u{30ff}').contains(&ch)),
+            "Japanese: {msg}"
+        );
+    }
+    // Wrong types, deep nesting, no body, not JSON.
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    for raw in [deep.as_str(), "{\"login_id\": 5}", "", "not json"] {
+        let r = a
+            .http
+            .post(a.url("/api/v1/admin/users"))
+            .header("x-csrf-token", a.csrf())
+            .header("content-type", "application/json")
+            .body(raw.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::BAD_REQUEST,
+            "{}",
+            &raw[..raw.len().min(20)]
+        );
+    }
+    // A 10 MB body: 413 before it is read, for pages and for the API.
+    let big = vec![b'a'; 10 * 1024 * 1024];
+    let r = a
+        .http
+        .post(a.url("/admin/departments"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.text().await.unwrap().contains("大きすぎます"));
+    let r = a
+        .http
+        .post(a.url("/api/v1/auth/login"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A 500 KB password is refused quickly as a wrong password.
+    let (st, body) = s.client().login("admin01", &"p".repeat(500_000)).await;
+    assert_eq!(
+        (st, body["error"]["message"].as_str().unwrap()),
+        (StatusCode::UNAUTHORIZED, INVALID)
+    );
+    // Invalid UTF-8 in a form.
+    let r = a
+        .http
+        .post(a.url("/admin/departments"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("_csrf={}&name=%FF%FE", a.csrf()))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error());
+    assert!(r.text().await.unwrap().contains("UTF-8"));
+    // Department names with slashes or controls.
+    for bad in ["総務/部", "\u{1b}[31m赤", ""] {
+        let (st, body) = a
+            .post_json("/api/v1/admin/departments", &json!({"name": bad}))
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+    }
+    // Settings out of range, or weaker for admins than staff.
+    let (_, mut st_json) = a.get_json("/api/v1/admin/settings").await;
+    st_json["lockout_admin"]["max_failures"] = json!(50);
+    let (st, body) = a
+        .send_json(Method::PUT, "/api/v1/admin/settings", Some(&st_json))
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    st_json["lockout_admin"]["max_failures"] = json!(3);
+    st_json["unknown_key"] = json!(1);
+    let (st, _) = a
+        .send_json(Method::PUT, "/api/v1/admin/settings", Some(&st_json))
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    // The server still serves.
+    assert_eq!(a.get_json("/api/v1/auth/me").await.0, StatusCode::OK);
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- settings and audit
+
+#[tokio::test]
+async fn settings_change_banner_and_policies_and_are_audited() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let (_, mut st_json) = a.get_json("/api/v1/admin/settings").await;
+    st_json["banner"] =
+        json!("サンプル市 情報セキュリティポリシーに基づき、\n許可された職員のみ利用できます。");
+    st_json["lockout_user"]["max_failures"] = json!(3);
+    st_json["session_user"]["idle_minutes"] = json!(20);
+    let (st, body) = a
+        .send_json(Method::PUT, "/api/v1/admin/settings", Some(&st_json))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (_, html) = s.client().get_text("/login").await;
+    assert!(html.contains("<p>許可された職員のみ利用できます。</p>"));
+
+    // The new policies apply.
+    let (staff, _) = s.signed_in("pol", "総務部", Role::User).await;
+    s.clock.advance_minutes(21);
+    assert_eq!(
+        staff.get_json("/api/v1/auth/me").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    for _ in 0..2 {
+        assert_eq!(staff.login("pol", "bad").await.0, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(staff.login("pol", "bad").await.0, StatusCode::LOCKED);
+
+    // The settings page form saves too.
+    let a = s.client();
+    a.login("admin01", PASSWORD).await;
+    let (_, html) = a.get_text("/admin/settings").await;
+    assert!(html.contains("ログイン画面のお知らせ"));
+    let r = a
+        .post_form(
+            "/admin/settings",
+            &[
+                ("banner", "新しいお知らせ"),
+                ("password_min_length", "14"),
+                ("password_temporary_valid_hours", "48"),
+                ("lockout_user_max_failures", "5"),
+                ("lockout_user_window_minutes", "15"),
+                ("lockout_user_lock_minutes", "15"),
+                ("lockout_admin_max_failures", "3"),
+                ("lockout_admin_window_minutes", "30"),
+                ("lockout_admin_lock_minutes", "60"),
+                ("session_user_idle_minutes", "30"),
+                ("session_user_absolute_minutes", "720"),
+                ("session_admin_idle_minutes", "15"),
+                ("session_admin_absolute_minutes", "abc"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("半角数字"));
+
+    // Audit: the settings change is recorded with old and new values; the auditor reads it.
+    let (auditor, _) = s.signed_in("kansa", "総務部", Role::Auditor).await;
+    let (st, body) = auditor
+        .get_json("/api/v1/admin/audit?action=settings.update")
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body["total"], 1);
+    assert_eq!(
+        body["records"][0]["detail"]["after"]["lockout_user"]["max_failures"],
+        3
+    );
+    let (_, body) = auditor
+        .get_json("/api/v1/admin/audit?action=auth.lockout")
+        .await;
+    assert_eq!(body["total"], 1);
+    let (_, body) = auditor
+        .get_json("/api/v1/admin/audit?action=auth.login&result=failure")
+        .await;
+    assert_eq!(body["total"], 3);
+    // Nothing secret in the audit log.
+    let (_, all) = auditor.get_json("/api/v1/admin/audit?page=1").await;
+    let text = all.to_string();
+    assert!(!text.contains(PASSWORD) && !text.contains("argon2"));
+    let r = auditor.get("/admin/audit.csv").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let csv = String::from_utf8_lossy(&r.bytes().await.unwrap()).to_string();
+    assert!(csv.contains("設定変更"));
+    // Auditors read but change nothing.
+    assert_eq!(
+        auditor
+            .send_json(Method::PUT, "/api/v1/admin/settings", Some(&st_json))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let reports = s.state.store.verify_audit().await.unwrap();
+    assert!(reports.iter().all(|r| r.result.is_ok()));
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- the binary
+
+fn yakuba(data: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_yakuba"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env("YAKUBA_SECURITY__PASSWORD_HASH_MEMORY_KIB", "256")
+        .env("YAKUBA_SECURITY__PASSWORD_HASH_ITERATIONS", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn cli_creates_admin_and_audit_verify_detects_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ok, out) = yakuba(
+        &data,
+        &[
+            "admin",
+            "create-user",
+            "--login-id",
+            "first.admin",
+            "--name",
+            "情報 太郎",
+            "--department",
+            "総務部/情報政策課",
+            "--role",
+            "tenant-admin",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("仮パスワード: "), "{out}");
+    let (ok, out) = yakuba(
+        &data,
+        &[
+            "admin",
+            "create-user",
+            "--login-id",
+            "first.admin",
+            "--name",
+            "x",
+            "--department",
+            "総務部",
+        ],
+    );
+    assert!(!ok && out.contains("既に使われています"), "{out}");
+    let (ok, out) = yakuba(
+        &data,
+        &[
+            "admin",
+            "create-user",
+            "--login-id",
+            "x1",
+            "--name",
+            "x",
+            "--department",
+            "総務部",
+            "--role",
+            "king",
+        ],
+    );
+    assert!(!ok && out.contains("権限は"), "{out}");
+    let (ok, out) = yakuba(&data, &["audit", "verify"]);
+    assert!(ok && out.contains("OK  default"), "{out}");
+
+    // Tamper with one row directly in the database file.
+    let store =
+        storage::Store::connect(&format!("sqlite://{}", data.join("yakuba.db").display()), 1)
+            .await
+            .unwrap();
+    sqlx_exec(
+        &store,
+        "UPDATE audit_log SET actor_login = 'someone-else' WHERE seq = 2",
+    )
+    .await;
+    store.close().await;
+    let (ok, out) = yakuba(&data, &["audit", "verify"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("連番 2"), "{out}");
+
+    // Unknown configuration keys are named.
+    let cfg = dir.path().join("yakuba.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\nlisten_port = 1\n").unwrap();
+    let (ok, out) = yakuba(&data, &["--config", cfg.to_str().unwrap(), "migrate"]);
+    assert!(!ok && out.contains("listen_port"), "{out}");
+}
+
+async fn sqlx_exec(store: &storage::Store, sql: &'static str) {
+    use sqlx::Executor;
+    store.pool().execute(sql).await.unwrap();
+}
