@@ -175,12 +175,22 @@ fn parse_rows(bytes: &[u8]) -> Result<Parsed, Vec<RowError>> {
 
     let mut rows = Vec::new();
     let mut seen: HashMap<String, u64> = HashMap::new();
+    // Line numbers as a spreadsheet shows them, whatever the line ends (CRLF or LF).
+    let line_at = |byte: u64| -> u64 {
+        // The reader may place a record's start on the line break before it (CRLF).
+        let bytes = text.as_bytes();
+        let mut end = (byte as usize).min(bytes.len());
+        while end < bytes.len() && (bytes[end] == b'\r' || bytes[end] == b'\n') {
+            end += 1;
+        }
+        bytes[..end].iter().filter(|b| **b == b'\n').count() as u64 + 1
+    };
     for (n, rec) in rdr.records().enumerate() {
         let line = n as u64 + 2;
         let rec = match rec {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map(|p| p.line()).unwrap_or(line);
+                let line = e.position().map(|p| line_at(p.byte())).unwrap_or(line);
                 errors.push(RowError {
                     line,
                     message: "この行を CSV として読み取れません（引用符の閉じ忘れなど）。".into(),
@@ -191,7 +201,7 @@ fn parse_rows(bytes: &[u8]) -> Result<Parsed, Vec<RowError>> {
         if rec.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
-        let line = rec.position().map(|p| p.line()).unwrap_or(line);
+        let line = rec.position().map(|p| line_at(p.byte())).unwrap_or(line);
         if rows.len() + errors.len() >= MAX_ROWS {
             return Err(file_error(format!(
                 "一度に取り込めるのは{MAX_ROWS}行までです。ファイルを分けてください。"
@@ -340,6 +350,13 @@ mod tests {
         let lines: Vec<u64> = errs.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![3, 4, 5, 6]);
         assert!(errs[0].message.contains("2行目と重複"));
+    }
+
+    #[test]
+    fn line_numbers_with_crlf() {
+        let bytes = "ログインID,氏名,所属\r\nok1,正常,総務部\r\nbad id,誤り,総務部\r\n".as_bytes();
+        let errs = plan(bytes, &set(&["総務部"]), &set(&[]), false).unwrap_err();
+        assert_eq!(errs[0].line, 3);
     }
 
     #[test]

@@ -618,6 +618,7 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/static/{*path}", get(assets::serve))
+        .route("/favicon.ico", get(|| async { Redirect::permanent("/static/favicon.svg") }))
         .merge(app)
         .layer(middleware::from_fn_with_state(state.clone(), body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), render_errors))

@@ -1,0 +1,252 @@
+// Browser tests: Debian's Chromium (headless) against the real yakuba binary.
+// Run with `npm run test:browser` after `cargo build`; YAKUBA_BIN overrides the binary.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { createRequire } from 'node:module';
+
+const require = createRequire(import.meta.url);
+const { chromium } = require('playwright-core');
+
+const root = resolve(import.meta.dirname, '..', '..');
+const bin = process.env.YAKUBA_BIN || join(process.env.CARGO_TARGET_DIR || join(root, 'target'), 'debug', 'yakuba');
+const shots = join(process.env.CARGO_TARGET_DIR || join(root, 'target'), 'screenshots');
+const dataDir = mkdtempSync(join(tmpdir(), 'yakuba-browser-'));
+const port = 20000 + Math.floor(Math.random() * 20000);
+const base = `http://127.0.0.1:${port}`;
+const env = { ...process.env, YAKUBA_SECURITY__PASSWORD_HASH_MEMORY_KIB: '1024', YAKUBA_SECURITY__PASSWORD_HASH_ITERATIONS: '1' };
+const NEW_PASSWORD = 'sakura-momiji-tsubaki-2026';
+
+let server;
+let browser;
+const consoleErrors = [];
+
+function cli(...args) {
+  return execFileSync(bin, ['--data-dir', dataDir, ...args], { env, encoding: 'utf8' });
+}
+
+function createUser(login, dept, role) {
+  const out = cli('admin', 'create-user', '--login-id', login, '--name', `試験 ${login}`, '--department', dept, '--role', role);
+  const m = out.match(/仮パスワード: (\S+)/);
+  assert.ok(m, out);
+  return m[1];
+}
+
+async function newPage() {
+  const context = await browser.newContext({ viewport: { width: 1366, height: 768 }, locale: 'ja-JP' });
+  const page = await context.newPage();
+  page.on('console', (msg) => {
+    // Refused sign-ins and invalid forms answer 401/403/422/423 on purpose; anything else
+    // (a CSP violation, a script error, a missing file) is a defect.
+    const expected = /status of (401|403|422|423) /.test(msg.text());
+    if (msg.type() === 'error' && !expected) consoleErrors.push(`${page.url()}: ${msg.text()}`);
+  });
+  page.on('pageerror', (err) => consoleErrors.push(`${page.url()}: ${err.message}`));
+  return page;
+}
+
+async function signIn(page, login, password) {
+  await page.goto(`${base}/login`);
+  await page.fill('#login_id', login);
+  await page.fill('#password', password);
+  await Promise.all([page.waitForLoadState('load'), page.click('main button[type=submit]')]);
+}
+
+async function shot(page, name) {
+  mkdirSync(shots, { recursive: true });
+  await page.screenshot({ path: join(shots, `${name}.png`), fullPage: true });
+}
+
+before(async () => {
+  cli('migrate');
+  server = spawn(bin, ['--data-dir', dataDir, 'serve', '--listen', `127.0.0.1:${port}`], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+  for (let i = 0; i < 100; i++) {
+    try {
+      const r = await fetch(`${base}/healthz`);
+      if (r.ok) break;
+    } catch { /* not up yet */ }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill('SIGTERM');
+});
+
+test('the banner is shown before sign-in', async () => {
+  const page = await newPage();
+  await page.goto(`${base}/login`);
+  const banner = page.locator('#login-banner');
+  await banner.waitFor();
+  assert.match(await banner.innerText(), /許可された職員のみ/);
+  await shot(page, '01-login');
+  await page.context().close();
+});
+
+test('a temporary password must be changed before anything else', async () => {
+  const temp = createUser('first.admin', '総務部/情報政策課', 'tenant-admin');
+  const page = await newPage();
+  await signIn(page, 'first.admin', temp);
+  assert.equal(new URL(page.url()).pathname, '/password');
+  assert.match(await page.locator('#forced-change').innerText(), /仮パスワードでログインしました/);
+  // Other pages send the user back to the form.
+  await page.goto(`${base}/admin/users`);
+  assert.equal(new URL(page.url()).pathname, '/password');
+  // A weak password: the errors are listed, focus moves to them.
+  await page.fill('#current_password', temp);
+  await page.fill('#new_password', 'password');
+  await page.fill('#confirm_password', 'password');
+  await Promise.all([page.waitForLoadState('load'), page.click('main button[type=submit]')]);
+  const summary = page.locator('#error-summary');
+  assert.match(await summary.innerText(), /12文字以上/);
+  assert.match(await summary.innerText(), /推測されやすい/);
+  assert.equal(await page.evaluate(() => document.activeElement?.id), 'error-summary');
+  await shot(page, '02-password-errors');
+  await page.fill('#current_password', temp);
+  await page.fill('#new_password', NEW_PASSWORD);
+  await page.fill('#confirm_password', NEW_PASSWORD);
+  await Promise.all([page.waitForLoadState('load'), page.click('main button[type=submit]')]);
+  assert.equal(new URL(page.url()).pathname, '/');
+  const body = await page.locator('main').innerText();
+  assert.match(body, /パスワードを変更しました/);
+  assert.match(body, /今回が初めてのログインです/);
+  await page.context().close();
+});
+
+test('the previous sign-in and the failures since are shown after sign-in', async () => {
+  const page = await newPage();
+  await signIn(page, 'first.admin', 'not-the-password');
+  assert.match(await page.locator('#login-error').innerText(), /ログインIDまたはパスワードが正しくありません/);
+  // What was typed stays in the form.
+  assert.equal(await page.inputValue('#login_id'), 'first.admin');
+  await signIn(page, 'first.admin', NEW_PASSWORD);
+  const notice = await page.locator('#last-login').innerText();
+  assert.match(notice, /前回のログイン日時: \d{4}年\d{1,2}月\d{1,2}日 \([月火水木金土日]\) \d{2}:\d{2}/);
+  assert.match(notice, /1回のログイン失敗/);
+  await shot(page, '03-home');
+  // Sign out.
+  await Promise.all([page.waitForLoadState('load'), page.click('header button[type=submit]')]);
+  assert.equal(new URL(page.url()).pathname, '/login');
+  assert.match(await page.locator('main').innerText(), /ログアウトしました/);
+  await page.context().close();
+});
+
+test('repeated failures lock the account with a clear message', async () => {
+  const temp = createUser('locked.user', '税務部/市民税課', 'user');
+  const page = await newPage();
+  for (let i = 0; i < 4; i++) {
+    await signIn(page, 'locked.user', `wrong-${i}`);
+    assert.match(await page.locator('#login-error').innerText(), /正しくありません/);
+  }
+  await signIn(page, 'locked.user', 'wrong-5');
+  assert.match(await page.locator('#login-error').innerText(), /一時的にロックされています/);
+  // Even the right password is refused while locked.
+  await signIn(page, 'locked.user', temp);
+  assert.match(await page.locator('#login-error').innerText(), /ロック/);
+  await shot(page, '04-lockout');
+  await page.context().close();
+});
+
+test('CSV import shows a preview before anything is created', async () => {
+  const page = await newPage();
+  await signIn(page, 'first.admin', NEW_PASSWORD);
+  // A Shift_JIS file as Excel writes it, made with iconv.
+  const lines = ['ログインID,氏名,所属,権限,メールアドレス'];
+  const depts = ['総務部/人事課', '福祉部/介護保険課', '税務部/資産税課'];
+  for (let i = 1; i <= 12; i++) lines.push(`imp${String(i).padStart(3, '0')},取込 太郎${i},${depts[i % 3]},一般職員,`);
+  const utf8 = join(dataDir, 'staff-utf8.csv');
+  const sjis = join(dataDir, 'staff-sjis.csv');
+  writeFileSync(utf8, lines.join('\r\n') + '\r\n');
+  writeFileSync(sjis, execFileSync('iconv', ['-f', 'UTF-8', '-t', 'SHIFT_JIS', utf8]));
+  await page.goto(`${base}/admin/users/import`);
+  await page.setInputFiles('#file', sjis);
+  await page.check('#create_departments');
+  await Promise.all([page.waitForLoadState('load'), page.click('form[enctype] button[type=submit]')]);
+  assert.match(await page.locator('#import-preview').innerText(), /全12行に誤りはありません（文字コード: Shift_JIS）/);
+  assert.equal(await page.locator('#preview-users').innerText(), '12人');
+  assert.equal(await page.locator('#preview-departments').innerText(), '4件');
+  assert.match(await page.locator('main').innerText(), /取込 太郎1/);
+  await shot(page, '05-import-preview');
+  // Nothing exists yet (looked at in a second tab).
+  const other = await page.context().newPage();
+  await other.goto(`${base}/admin/users?q=imp`);
+  assert.match(await other.locator('#user-results .count').innerText(), /^0人/);
+  await other.close();
+  await Promise.all([page.waitForLoadState('load'), page.click('text=この内容で登録する')]);
+  assert.match(await page.locator('#import-done').innerText(), /12人のユーザーと4件の部署/);
+  assert.equal(await page.locator('#issued tbody tr').count(), 12);
+  await page.goto(`${base}/admin/users?q=imp`);
+  assert.match(await page.locator('#user-results .count').innerText(), /^12人/);
+
+  // A file with mistakes lists them by row and creates nothing.
+  writeFileSync(utf8, 'ログインID,氏名,所属\r\nimp001,重複,総務部\r\nbad id,空白,総務部\r\n');
+  await page.goto(`${base}/admin/users/import`);
+  await page.setInputFiles('#file', utf8);
+  await Promise.all([page.waitForLoadState('load'), page.click('form[enctype] button[type=submit]')]);
+  const errors = await page.locator('#import-errors').innerText();
+  assert.match(errors, /2件の誤り/);
+  assert.match(errors, /2行目/);
+  assert.match(errors, /3行目/);
+  assert.equal(await page.evaluate(() => document.activeElement?.id), 'import-errors');
+  await shot(page, '06-import-errors');
+  await page.context().close();
+});
+
+test('keyboard only: skip link, sign-in and an admin form', async () => {
+  const page = await newPage();
+  await page.goto(`${base}/login`);
+  // The login id field has focus on load; type, tab, type, enter.
+  assert.equal(await page.evaluate(() => document.activeElement?.id), 'login_id');
+  await page.keyboard.type('first.admin');
+  await page.keyboard.press('Tab');
+  await page.keyboard.type(NEW_PASSWORD);
+  await Promise.all([page.waitForURL(`${base}/`), page.keyboard.press('Enter')]);
+  assert.equal(new URL(page.url()).pathname, '/', await page.locator('main').innerText());
+  // On every page the first Tab reaches the skip link, which jumps to the content.
+  await page.goto(`${base}/admin/departments`);
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement?.className), 'skip-link');
+  assert.ok(await page.evaluate(() => document.activeElement.getBoundingClientRect().height >= 24), 'visible when focused');
+  await page.keyboard.press('Enter');
+  assert.equal(await page.evaluate(() => document.activeElement?.id), 'main');
+  // Add a department with the keyboard alone.
+  await page.focus('#parent_id');
+  await page.keyboard.press('Tab');
+  await page.keyboard.type('デジタル推進課');
+  await Promise.all([page.waitForURL(/notice=created/), page.keyboard.press('Enter')]);
+  assert.match(await page.locator('main').innerText(), /部署を追加しました/);
+  assert.match(await page.locator('#department-tree').innerText(), /デジタル推進課/);
+  await shot(page, '07-departments');
+  await page.context().close();
+});
+
+test('pages load nothing from outside and raise no CSP or script errors', async () => {
+  const page = await newPage();
+  const outside = [];
+  page.on('request', (req) => {
+    if (!req.url().startsWith(base)) outside.push(req.url());
+  });
+  await signIn(page, 'first.admin', NEW_PASSWORD);
+  for (const path of ['/', '/admin/users', '/admin/users/new', '/admin/users/unused', '/admin/departments', '/admin/settings', '/admin/audit', '/admin/users/import']) {
+    await page.goto(`${base}${path}`);
+    assert.equal(await page.locator('h1').count(), 1, path);
+  }
+  // Live search through htmx keeps working under the strict CSP.
+  await page.goto(`${base}/admin/users`);
+  await page.fill('#q', 'imp00');
+  await page.waitForFunction(() => /^9人/.test(document.querySelector('#user-results .count')?.textContent || ''));
+  await shot(page, '08-users-search');
+  await page.goto(`${base}/admin/audit`);
+  await shot(page, '09-audit');
+  assert.deepEqual(outside, []);
+  assert.deepEqual(consoleErrors, []);
+  await page.context().close();
+});
