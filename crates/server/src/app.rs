@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub struct AppState {
     pub store: Store,
@@ -634,7 +634,8 @@ pub fn router(state: Shared) -> Router {
                     .to_string();
                 // The path only: queries may carry search terms or tokens.
                 tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
-            }),
+            })
+            .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)

@@ -39,7 +39,7 @@ fn dept_from(row: &AnyRow) -> Result<Department> {
 }
 
 const SELECT: &str = "SELECT d.id, d.tenant_id, d.parent_id, d.name, d.path, d.created_at, \
-    (SELECT COUNT(*) FROM users u WHERE u.department_id = d.id) AS user_count FROM departments d";
+    (SELECT COUNT(*) FROM users u WHERE u.tenant_id = d.tenant_id AND u.department_id = d.id) AS user_count FROM departments d";
 
 const DUPLICATE: &str = "同じ名前の部署が同じ階層に既にあります。";
 

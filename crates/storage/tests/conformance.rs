@@ -644,3 +644,163 @@ async fn import_is_all_or_nothing() {
         db.finish().await;
     }
 }
+
+/// Benchmark, run by hand (numbers go in the closing note):
+/// `cargo test -p storage --release --test conformance -- --ignored --nocapture bench_user_list`
+/// Seeds 100,000 accounts in 60 departments and times the admin list queries (one page of
+/// 50 with its total) against the naive baseline of loading every account.
+#[tokio::test]
+#[ignore]
+async fn bench_user_list_100k() {
+    use std::time::Instant;
+    for db in backends().await {
+        let s = &db.store;
+        let t = s
+            .create_tenant("bench", "ベンチ市", None, 0, ev("cli"))
+            .await
+            .unwrap();
+        let mut depts = Vec::new();
+        for bu in [
+            "総務部",
+            "税務部",
+            "福祉部",
+            "市民生活部",
+            "建設部",
+            "教育部",
+        ] {
+            for ka in 0..10 {
+                let d = s
+                    .ensure_department_path(&t.id, &format!("{bu}/第{ka}課"), 0, ev_t(&t.id))
+                    .await
+                    .unwrap();
+                depts.push(d.id);
+            }
+        }
+        let seed = Instant::now();
+        let sei = [
+            "佐藤", "鈴木", "高橋", "田中", "伊藤", "渡辺", "山本", "中村", "小林", "加藤",
+        ];
+        let mei = [
+            "一郎",
+            "花子",
+            "健太",
+            "由美",
+            "翔",
+            "さくら",
+            "大輔",
+            "美咲",
+            "誠",
+            "陽菜",
+        ];
+        let mut tx = s.pool().begin().await.unwrap();
+        for i in 0..100_000usize {
+            sqlx::query(
+                "INSERT INTO users (id, tenant_id, login_id, display_name, email, department_id, role, status, password_hash, \
+                 password_temporary, password_expires_at, password_changed_at, last_login_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, NULL, $5, 'user', 'active', 'x', 0, NULL, 0, $6, 0, 0)",
+            )
+            .bind(domain::ids::new_id())
+            .bind(&t.id)
+            .bind(format!("staff{i:06}"))
+            .bind(format!("{} {}{}", sei[i % 10], mei[(i / 10) % 10], i % 7))
+            .bind(&depts[i % depts.len()])
+            .bind((i as i64 % 400) * domain::clock::DAY_MS)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let b = format!("{:?}", s.backend());
+        println!(
+            "{b}: seeded 100,000 accounts in {:.1} s",
+            seed.elapsed().as_secs_f64()
+        );
+        let scope = UserScope::All;
+        let cases: Vec<(&str, UserScope, UserFilter, i64)> = vec![
+            (
+                "first page, no filter",
+                scope.clone(),
+                UserFilter::default(),
+                0,
+            ),
+            (
+                "page 1,000 (offset 49,950)",
+                scope.clone(),
+                UserFilter::default(),
+                49_950,
+            ),
+            (
+                "search 「佐藤 花」",
+                scope.clone(),
+                UserFilter {
+                    query: Some("佐藤 花".into()),
+                    ..Default::default()
+                },
+                0,
+            ),
+            (
+                "search login id 「staff09999」",
+                scope.clone(),
+                UserFilter {
+                    query: Some("staff09999".into()),
+                    ..Default::default()
+                },
+                0,
+            ),
+            (
+                "department admin scope 福祉部",
+                UserScope::Subtree("福祉部".into()),
+                UserFilter::default(),
+                0,
+            ),
+            (
+                "unused for 90 days",
+                scope.clone(),
+                UserFilter {
+                    unused_since: Some(300 * domain::clock::DAY_MS),
+                    ..Default::default()
+                },
+                0,
+            ),
+        ];
+        let report = |name: &str, mut ms: Vec<f64>| {
+            ms.sort_by(|a, b| a.total_cmp(b));
+            let p = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+            println!(
+                "{b}: {name:<34} median {:>7.2} ms  p99 {:>7.2} ms  (n={})",
+                p(0.5),
+                p(0.99),
+                ms.len()
+            );
+        };
+        for (name, sc, f, offset) in cases {
+            let mut ms = Vec::new();
+            for _ in 0..40 {
+                let t0 = Instant::now();
+                let (page, total) = s.list_users(&t.id, &sc, &f, 50, offset).await.unwrap();
+                ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+                assert!(total >= page.len() as i64);
+            }
+            report(name, ms);
+        }
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            let (all, _) = s
+                .list_users(&t.id, &scope, &UserFilter::default(), 200_000, 0)
+                .await
+                .unwrap();
+            ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(all.len(), 100_000);
+        }
+        report("baseline: load all 100,000", ms);
+        let mut ms = Vec::new();
+        for _ in 0..40 {
+            let t0 = Instant::now();
+            s.list_departments(&t.id).await.unwrap();
+            ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        report("department tree with counts", ms);
+        db.finish().await;
+    }
+}
