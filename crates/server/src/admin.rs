@@ -1093,6 +1093,8 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("settings.update", "設定変更"),
     ("tenant.create", "自治体の作成"),
     ("audit.export", "監査ログの出力"),
+    ("request.denied", "権限のない操作（拒否）"),
+    ("request.csrf_rejected", "不正な送信（拒否）"),
 ];
 
 pub fn action_label(code: &str) -> String {

@@ -423,6 +423,17 @@ async fn context(
                 .unwrap_or("");
             let origin_host = origin.split("://").nth(1).unwrap_or("");
             if origin == "null" || origin_host != host {
+                record_denied(
+                    &state,
+                    &tenant,
+                    auth.as_deref(),
+                    &ip,
+                    &user_agent,
+                    now,
+                    "request.csrf_rejected",
+                    &path,
+                )
+                .await;
                 return Err(AppError::Csrf);
             }
         }
@@ -433,20 +444,82 @@ async fn context(
             let (token, rebuilt) = csrf_token(req, state.config.security.max_import_bytes).await?;
             req = rebuilt;
             if !token.is_some_and(|t| same_secret(&t, &a.session.csrf)) {
+                record_denied(
+                    &state,
+                    &tenant,
+                    Some(a),
+                    &ip,
+                    &user_agent,
+                    now,
+                    "request.csrf_rejected",
+                    &path,
+                )
+                .await;
                 return Err(AppError::Csrf);
             }
         }
     }
 
+    let tenant = Arc::new(tenant);
     req.extensions_mut().insert(Ctx {
-        tenant: Arc::new(tenant),
-        ip,
-        user_agent,
+        tenant: tenant.clone(),
+        ip: ip.clone(),
+        user_agent: user_agent.clone(),
         now,
-        auth,
-        path,
+        auth: auth.clone(),
+        path: path.clone(),
     });
-    Ok(next.run(req).await)
+    let res = next.run(req).await;
+    // A signed-in user trying to change something they may not is worth a record.
+    if unsafe_method && res.status() == StatusCode::FORBIDDEN {
+        if let Some(a) = auth.as_deref() {
+            record_denied(
+                &state,
+                &tenant,
+                Some(a),
+                &ip,
+                &user_agent,
+                now,
+                "request.denied",
+                &path,
+            )
+            .await;
+        }
+    }
+    Ok(res)
+}
+
+/// Appends a `denied` audit record for a signed-in caller; anonymous noise is not recorded.
+#[allow(clippy::too_many_arguments)]
+async fn record_denied(
+    state: &AppState,
+    tenant: &Tenant,
+    auth: Option<&Auth>,
+    ip: &str,
+    ua: &str,
+    now: i64,
+    action: &str,
+    path: &str,
+) {
+    let Some(a) = auth else { return };
+    let ev = AuditEvent {
+        tenant_id: tenant.id.clone(),
+        at_ms: now,
+        actor_id: Some(a.user.id.clone()),
+        actor_login: a.user.login_id.clone(),
+        ip: ip.to_string(),
+        user_agent: ua.to_string(),
+        result: "denied".into(),
+        ..Default::default()
+    }
+    .with(
+        action,
+        path.chars().take(200).collect::<String>(),
+        serde_json::json!({}),
+    );
+    if let Err(e) = state.store.append_audit(&ev).await {
+        tracing::error!(error = %e, "could not record a denied request");
+    }
 }
 
 /// Finds the CSRF token of a state-changing request: the `X-CSRF-Token` header, the

@@ -164,9 +164,11 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 .map_err(|e| format!("{listen} で待ち受けできません: {e}"))?;
             tracing::info!(address = %listen, "yakuba is listening");
             println!("yakuba を起動しました: http://{listen}/");
+            let housekeeping = crate::spawn_housekeeping(state.clone());
             crate::serve(listener, state, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())?;
+            housekeeping.abort();
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {

@@ -99,6 +99,38 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
     }))
 }
 
+/// Removes sessions past any possible time-out and stale import previews, every ten
+/// minutes, for as long as the server runs. Requests check time-outs themselves; this only
+/// keeps the tables small.
+pub fn spawn_housekeeping(state: Shared) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let now = state.now();
+            // The longest idle and absolute limits a tenant may set (see TenantSettings::validate).
+            let idle_before = now - 480 * domain::clock::MINUTE_MS;
+            let created_before = now - 1440 * domain::clock::MINUTE_MS;
+            match state
+                .store
+                .purge_sessions(idle_before, created_before)
+                .await
+            {
+                Ok(n) if n > 0 => tracing::info!(sessions = n, "expired sessions removed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "session housekeeping failed"),
+            }
+            if let Err(e) = state
+                .store
+                .purge_pending_imports(now - domain::clock::DAY_MS)
+                .await
+            {
+                tracing::warn!(error = %e, "import housekeeping failed");
+            }
+        }
+    })
+}
+
 /// Serves until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,

@@ -718,6 +718,10 @@ async fn authorisation_matrix_over_every_api_route() {
             }
         }
     }
+    // Denied attempts by signed-in users are on the record.
+    let (_, denied) = a.get_json("/api/v1/admin/audit?result=denied").await;
+    assert!(denied["total"].as_i64().unwrap() > 10, "{denied}");
+    assert!(denied.to_string().contains("request.denied"));
     // The victim was not touched by any of that.
     let (_, v) = a
         .get_json(&format!("/api/v1/admin/users/{}", victim.id))

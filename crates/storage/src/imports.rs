@@ -46,6 +46,17 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets previews nobody confirmed.
+    pub async fn purge_pending_imports(&self, created_before: i64) -> Result<u64> {
+        Ok(
+            sqlx::query("DELETE FROM pending_imports WHERE created_at < $1")
+                .bind(created_before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
     /// The pending import `id` of this admin.
     pub async fn pending_import(
         &self,

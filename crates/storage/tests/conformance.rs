@@ -370,6 +370,23 @@ async fn tenants_departments_and_users() {
             "許可された職員のみ"
         );
 
+        // Housekeeping removes sessions past their time-outs only.
+        let a = LoginAttempt {
+            tenant_id: &t.id,
+            typed_login: "admin01",
+            ip: "127.0.0.1",
+            now: 10_000,
+        };
+        s.record_login_success(&a, &admin, "old", "c", "ua", ev_t(&t.id))
+            .await
+            .unwrap();
+        let a = LoginAttempt { now: 90_000, ..a };
+        s.record_login_success(&a, &admin, "new", "c", "ua", ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(s.purge_sessions(50_000, 0).await.unwrap(), 1);
+        assert!(s.session_with_user("new").await.unwrap().is_some());
+
         let reports = s.verify_audit().await.unwrap();
         assert_eq!(reports.len(), 2);
         assert!(reports.iter().all(|r| r.result.is_ok()), "{b}: {reports:?}");
