@@ -143,7 +143,7 @@ impl Config {
             let Some(rest) = k.strip_prefix("YAKUBA_") else {
                 continue;
             };
-            if NOT_CONFIG.contains(&k.as_str()) {
+            if NOT_CONFIG.contains(&k.as_str()) || k.starts_with("YAKUBA_TEST_") {
                 continue;
             }
             let keys: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();

@@ -16,6 +16,8 @@ pub const START_MS: i64 = 1_775_001_600_000;
 
 pub struct TestServer {
     pub url: String,
+    /// (server URL, database name) of a PostgreSQL database made for this test.
+    pg: Option<(String, String)>,
     pub state: Shared,
     pub clock: Arc<ManualClock>,
     pub data_dir: std::path::PathBuf,
@@ -29,7 +31,9 @@ impl TestServer {
         Self::start_with(|_| {}).await
     }
 
-    /// Starts with a configuration adjusted by `f` (light argon2 cost for speed).
+    /// Starts with a configuration adjusted by `f` (light argon2 cost for speed). With
+    /// `YAKUBA_TEST_SERVER_DATABASE_URL` set, the server runs on a fresh PostgreSQL database
+    /// of its own instead of SQLite.
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
@@ -39,6 +43,18 @@ impl TestServer {
         };
         config.security.password_hash_memory_kib = 256;
         config.security.password_hash_iterations = 1;
+        let mut pg = None;
+        if let Ok(base) = std::env::var("YAKUBA_TEST_SERVER_DATABASE_URL") {
+            let name = format!("yakuba_it_{}", domain::ids::random_token(6));
+            let admin = storage::Store::connect(&base, 1).await.unwrap();
+            sqlx::Executor::execute(admin.pool(), format!("CREATE DATABASE {name}").as_str())
+                .await
+                .unwrap();
+            admin.close().await;
+            let at = base.rfind('/').unwrap();
+            config.database_url = server::config::Secret(format!("{}/{name}", &base[..at]));
+            pg = Some((base, name));
+        }
         f(&mut config);
         let clock = Arc::new(ManualClock::new(START_MS));
         let data_dir = config.data_dir.clone();
@@ -56,6 +72,7 @@ impl TestServer {
         });
         TestServer {
             url,
+            pg,
             state,
             clock,
             data_dir,
@@ -73,6 +90,16 @@ impl TestServer {
             let _ = t.await;
         }
         self.state.store.close().await;
+        if let Some((base, name)) = self.pg.take() {
+            let admin = storage::Store::connect(&base, 1).await.unwrap();
+            sqlx::Executor::execute(
+                admin.pool(),
+                format!("DROP DATABASE {name} WITH (FORCE)").as_str(),
+            )
+            .await
+            .unwrap();
+            admin.close().await;
+        }
     }
 
     pub fn tenant_id(&self) -> &str {
