@@ -757,7 +757,7 @@ async fn import_confirm(
     match ops::import_apply(
         &state,
         &a,
-        pending.content.as_bytes(),
+        &ops::staged_bytes(&pending)?,
         pending.create_departments,
         Some(&id),
     )
@@ -1105,6 +1105,41 @@ pub fn action_label(code: &str) -> String {
         .unwrap_or_else(|| code.to_string())
 }
 
+/// The object of an audit record as a person reads it: `ユーザー yamada.hanako` rather
+/// than `user:0190…` (the id stays in the CSV and the API).
+fn describe_target(target: &str, detail: &str, actor: &str) -> String {
+    let d: serde_json::Value = serde_json::from_str(detail).unwrap_or_default();
+    let text = |k: &str| d.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    match target.split_once(':') {
+        // Sign-ins and the like concern the actor's own account.
+        Some(("user", _)) => format!(
+            "ユーザー {}",
+            text("login_id").unwrap_or_else(|| actor.to_string())
+        ),
+        Some(("department", _)) => match text("path").or_else(|| text("after")) {
+            Some(p) => format!("部署 {p}"),
+            None => "部署".into(),
+        },
+        Some(("tenant", _)) => "自治体".into(),
+        _ => target.to_string(),
+    }
+}
+
+/// Details as `key: value` lines, nested values kept as compact JSON.
+fn detail_text(detail: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(detail) {
+        Ok(serde_json::Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}: {s}"),
+                other => format!("{k}: {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => detail.to_string(),
+    }
+}
+
 fn result_label(r: &str) -> &'static str {
     match r {
         "success" => "成功",
@@ -1224,17 +1259,13 @@ async fn audit(
             actor: if r.actor_login.is_empty() {
                 "-".into()
             } else {
-                r.actor_login
+                r.actor_login.clone()
             },
             action: action_label(&r.action),
-            target: r.target,
+            target: describe_target(&r.target, &r.detail, &r.actor_login),
             result: result_label(&r.result),
             ip: r.ip,
-            detail: if r.detail == "{}" {
-                String::new()
-            } else {
-                r.detail
-            },
+            detail: detail_text(&r.detail),
         })
         .collect();
     render(&AuditPage {

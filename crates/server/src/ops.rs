@@ -565,6 +565,14 @@ pub async fn import_check(
     .map_err(|e| AppError::Internal(e.to_string()))
 }
 
+/// The file kept by [`import_stage`].
+pub fn staged_bytes(p: &PendingImport) -> AppResult<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(&p.content)
+        .map_err(|e| AppError::Internal(format!("staged import: {e}")))
+}
+
 /// Keeps a checked import until the admin confirms it.
 pub async fn import_stage(
     state: &Shared,
@@ -572,8 +580,9 @@ pub async fn import_stage(
     bytes: &[u8],
     create_departments: bool,
 ) -> AppResult<String> {
-    let (text, _) = domain::import::decode(bytes)
-        .map_err(|_| AppError::BadRequest("ファイルを読み取れません。".into()))?;
+    use base64::Engine;
+    // The file as uploaded, so the confirmation reads it exactly as the preview did.
+    let text = base64::engine::general_purpose::STANDARD.encode(bytes);
     let p = PendingImport {
         id: domain::ids::new_id(),
         tenant_id: a.ctx.tenant.id.clone(),

@@ -1058,6 +1058,9 @@ async fn import_through_the_pages_with_preview() {
         a.get_json("/api/v1/admin/users?q=staff").await.1["total"],
         30
     );
+    // The confirmation read the file as uploaded.
+    let (_, rec) = a.get_json("/api/v1/admin/audit?action=user.import").await;
+    assert_eq!(rec["records"][0]["detail"]["encoding"], "Shift_JIS");
     // Confirming twice does not import twice.
     let r = a
         .post_form(&format!("/admin/users/import/{action}"), &[])

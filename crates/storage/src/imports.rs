@@ -14,7 +14,7 @@ pub struct PendingImport {
     pub created_by: String,
     pub created_at: i64,
     pub create_departments: bool,
-    /// The file, decoded to UTF-8.
+    /// The file as uploaded, base64-encoded.
     pub content: String,
 }
 
