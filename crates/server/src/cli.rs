@@ -277,12 +277,12 @@ async fn admin(
                 .ensure_department_path(&t.id, &path, now, ev.clone())
                 .await
                 .map_err(|e| e.to_string())?;
-            let temp = domain::password::generate_temporary(&t.settings.password);
-            let cost = config.hash_cost();
-            let t2 = temp.clone();
-            let hash = tokio::task::spawn_blocking(move || domain::password::hash(&t2, cost))
+            let crate::ops::Temporary {
+                password: temp,
+                hash,
+                until,
+            } = crate::ops::issue_temporary(config.hash_cost(), &t.settings.password, now)
                 .await
-                .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             let hours = t.settings.password.temporary_valid_hours;
             let nu = NewUser {
@@ -293,7 +293,7 @@ async fn admin(
                 department_id: dept.id,
                 role,
                 password_hash: hash,
-                temporary_until: Some(now + i64::from(hours) * domain::clock::HOUR_MS),
+                temporary_until: Some(until),
                 now,
             };
             let u = store.create_user(&nu, ev).await.map_err(|e| match e {
@@ -316,12 +316,12 @@ async fn admin(
                 .user_by_login(&t.id, &login_id)
                 .await
                 .map_err(|_| format!("ログインID「{login_id}」のユーザーはいません"))?;
-            let temp = domain::password::generate_temporary(&t.settings.password);
-            let cost = config.hash_cost();
-            let t2 = temp.clone();
-            let hash = tokio::task::spawn_blocking(move || domain::password::hash(&t2, cost))
+            let crate::ops::Temporary {
+                password: temp,
+                hash,
+                until,
+            } = crate::ops::issue_temporary(config.hash_cost(), &t.settings.password, now)
                 .await
-                .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             let hours = t.settings.password.temporary_valid_hours;
             store
@@ -329,7 +329,7 @@ async fn admin(
                     &t.id,
                     &u.id,
                     &hash,
-                    Some(now + i64::from(hours) * domain::clock::HOUR_MS),
+                    Some(until),
                     None,
                     now,
                     cli_event(&t.id, now),

@@ -28,6 +28,33 @@ fn fe(field: &str, message: String) -> FieldError {
     }
 }
 
+/// A fresh temporary password (shown once), its hash and when it expires.
+pub struct Temporary {
+    pub password: String,
+    pub hash: String,
+    pub until: i64,
+}
+
+/// Issues a temporary password under the tenant's policy, hashing it off the async threads.
+pub async fn issue_temporary(
+    cost: domain::password::HashCost,
+    policy: &domain::settings::PasswordPolicy,
+    now: i64,
+) -> AppResult<Temporary> {
+    let password = domain::password::generate_temporary(policy);
+    let p = password.clone();
+    let hash = tokio::task::spawn_blocking(move || domain::password::hash(&p, cost))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let until = now + i64::from(policy.temporary_valid_hours) * domain::clock::HOUR_MS;
+    Ok(Temporary {
+        password,
+        hash,
+        until,
+    })
+}
+
 // ---------------------------------------------------------------- sign-in
 
 pub enum LoginError {
@@ -356,10 +383,16 @@ pub async fn create_user(
         return Err(AppError::Validation(errs));
     };
     decide(policy::assign(a.actor(), role, &dept.path))?;
-    let policy = &a.ctx.tenant.settings.password;
-    let temp = domain::password::generate_temporary(policy);
-    let hash = state.hash_password(temp.clone()).await?;
-    let until = a.ctx.now + i64::from(policy.temporary_valid_hours) * domain::clock::HOUR_MS;
+    let Temporary {
+        password: temp,
+        hash,
+        until,
+    } = issue_temporary(
+        state.config.hash_cost(),
+        &a.ctx.tenant.settings.password,
+        a.ctx.now,
+    )
+    .await?;
     let nu = NewUser {
         tenant_id: a.ctx.tenant.id.clone(),
         login_id,
@@ -442,10 +475,16 @@ pub async fn set_status(
 pub async fn reset_password(state: &Shared, a: &Authed, id: &str) -> AppResult<(User, String)> {
     let u = visible_user(state, a, id).await?;
     decide(policy::manage_user(a.actor(), &u.target()))?;
-    let policy = &a.ctx.tenant.settings.password;
-    let temp = domain::password::generate_temporary(policy);
-    let hash = state.hash_password(temp.clone()).await?;
-    let until = a.ctx.now + i64::from(policy.temporary_valid_hours) * domain::clock::HOUR_MS;
+    let Temporary {
+        password: temp,
+        hash,
+        until,
+    } = issue_temporary(
+        state.config.hash_cost(),
+        &a.ctx.tenant.settings.password,
+        a.ctx.now,
+    )
+    .await?;
     state
         .store
         .set_password(
