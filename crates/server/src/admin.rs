@@ -340,6 +340,9 @@ struct UserDetailPage {
     roles: Vec<(&'static str, &'static str)>,
     notice: String,
     errors: Vec<FieldError>,
+    /// (time in JST, result, address) of the newest sign-in attempts.
+    attempts: Vec<(String, &'static str, String)>,
+    sessions: i64,
 }
 
 #[derive(Deserialize)]
@@ -369,6 +372,20 @@ async fn user_detail_page(
             roles: role_options(a),
             notice: notice.into(),
             errors,
+            attempts: state
+                .store
+                .recent_login_attempts(&u.tenant_id, &u.id, 10)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    (
+                        domain::time::format_jst_compact(r.at),
+                        if r.success { "成功" } else { "失敗" },
+                        r.ip,
+                    )
+                })
+                .collect(),
+            sessions: state.store.count_sessions(&u.tenant_id, &u.id).await?,
         },
     )
 }
@@ -383,6 +400,7 @@ async fn user_detail(
         "saved" => "変更を保存しました。",
         "disabled" => "アカウントを無効にしました。ログイン中の画面は終了しました。",
         "active" => "アカウントを有効に戻しました。",
+        "unlocked" => "ロックを解除しました。",
         _ => "",
     };
     user_detail_page(&state, &a, &id, StatusCode::OK, notice, Vec::new()).await
@@ -459,6 +477,15 @@ async fn user_status(
         }
         Err(e) => Err(e),
     }
+}
+
+async fn user_unlock(
+    State(state): State<Shared>,
+    a: Authed,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
+    ops::unlock_user(&state, &a, &id).await?;
+    Ok(Redirect::to(&format!("/admin/users/{id}?notice=unlocked")).into_response())
 }
 
 async fn user_reset(
@@ -1085,6 +1112,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("user.enable", "ユーザー有効化"),
     ("user.delete", "ユーザー削除"),
     ("user.password_reset", "仮パスワード再発行"),
+    ("user.unlock", "ロック解除"),
     ("user.import", "CSV一括登録"),
     ("users.export", "ユーザー一覧の出力"),
     ("department.create", "部署作成"),
@@ -1370,6 +1398,7 @@ pub fn routes(max_import: usize) -> Router<Shared> {
         .route("/admin/users/{id}", get(user_detail).post(user_update))
         .route("/admin/users/{id}/status", post(user_status))
         .route("/admin/users/{id}/reset-password", post(user_reset))
+        .route("/admin/users/{id}/unlock", post(user_unlock))
         .route(
             "/admin/users/{id}/delete",
             get(user_delete_confirm).post(user_delete),

@@ -326,6 +326,15 @@ async fn user_enable(
     Ok(Json(json!(UserView::of(&u, a.ctx.now))))
 }
 
+async fn user_unlock(
+    State(state): State<Shared>,
+    a: Authed,
+    Path(id): Path<String>,
+) -> AppResult<Json<Value>> {
+    let u = ops::unlock_user(&state, &a, &id).await?;
+    Ok(Json(json!(UserView::of(&u, a.ctx.now))))
+}
+
 async fn user_reset(
     State(state): State<Shared>,
     a: Authed,
@@ -498,6 +507,7 @@ pub fn routes(max_import: usize) -> Router<Shared> {
         .route("/api/v1/admin/users/{id}/disable", post(user_disable))
         .route("/api/v1/admin/users/{id}/enable", post(user_enable))
         .route("/api/v1/admin/users/{id}/reset-password", post(user_reset))
+        .route("/api/v1/admin/users/{id}/unlock", post(user_unlock))
         .route(
             "/api/v1/admin/settings",
             get(settings_get).put(settings_put),

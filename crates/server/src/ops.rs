@@ -501,6 +501,17 @@ pub async fn reset_password(state: &Shared, a: &Authed, id: &str) -> AppResult<(
     Ok((u, temp))
 }
 
+/// Lifts a sign-in lock early (the user phoned the helpdesk, say).
+pub async fn unlock_user(state: &Shared, a: &Authed, id: &str) -> AppResult<User> {
+    let u = visible_user(state, a, id).await?;
+    decide(policy::manage_user(a.actor(), &u.target()))?;
+    state
+        .store
+        .unlock_user(&u.tenant_id, &u.id, a.ctx.now, a.audit())
+        .await?;
+    Ok(state.store.user_by_id(&u.tenant_id, &u.id).await?)
+}
+
 pub async fn delete_user(state: &Shared, a: &Authed, id: &str) -> AppResult<User> {
     let u = visible_user(state, a, id).await?;
     decide(policy::manage_user(a.actor(), &u.target()))?;

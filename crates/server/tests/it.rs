@@ -201,6 +201,29 @@ async fn lockout_after_failures_with_stricter_rules_for_admins() {
     s.clock.advance_minutes(2);
     assert_eq!(c.login("boss1", PASSWORD).await.0, StatusCode::OK);
 
+    // An admin can lift a lock early; the user detail page lists the attempts.
+    for _ in 0..5 {
+        c.login("staff1", "bad").await;
+    }
+    assert_eq!(c.login("staff1", PASSWORD).await.0, StatusCode::LOCKED);
+    let a = s.client();
+    a.login("boss1", PASSWORD).await;
+    let (_, list) = a.get_json("/api/v1/admin/users?q=staff1").await;
+    let id = list["users"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(list["users"][0]["locked"], true);
+    let (_, html) = a.get_text(&format!("/admin/users/{id}")).await;
+    assert!(
+        html.contains("ロックを解除する")
+            && html.contains("login-history")
+            && html.contains("失敗")
+    );
+    let (st, body) = a
+        .post_json(&format!("/api/v1/admin/users/{id}/unlock"), &json!({}))
+        .await;
+    assert_eq!((st, &body["locked"]), (StatusCode::OK, &json!(false)));
+    assert_eq!(c.login("staff1", PASSWORD).await.0, StatusCode::OK);
+    s.clock.advance_minutes(1);
+
     // Failures spread beyond the window do not lock.
     for _ in 0..4 {
         assert_eq!(c.login("staff1", "bad").await.0, StatusCode::UNAUTHORIZED);

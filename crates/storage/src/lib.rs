@@ -18,7 +18,7 @@ mod users;
 pub use audit::{AuditEvent, AuditFilter, ChainReport};
 pub use departments::Department;
 pub use imports::{ImportOutcome, PendingImport};
-pub use sessions::{LoginAttempt, Session};
+pub use sessions::{AttemptRecord, LoginAttempt, Session};
 pub use tenants::Tenant;
 pub use users::{NewUser, User, UserFilter, UserStatus, UserUpdate};
 

@@ -24,6 +24,14 @@ pub struct Session {
     pub user_agent: String,
 }
 
+/// One sign-in attempt, as the admin view lists it.
+#[derive(Clone, Debug)]
+pub struct AttemptRecord {
+    pub at: i64,
+    pub success: bool,
+    pub ip: String,
+}
+
 /// What a sign-in attempt is recorded with.
 #[derive(Clone, Debug)]
 pub struct LoginAttempt<'a> {
@@ -232,6 +240,63 @@ impl Store {
             .rows_affected();
         if let (Some(ev), 1) = (audit, n) {
             append(&mut tx, &ev).await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// The newest sign-in attempts on one account (for the admin view).
+    pub async fn recent_login_attempts(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        limit: i64,
+    ) -> Result<Vec<AttemptRecord>> {
+        let rows = sqlx::query(
+            "SELECT at, success, ip FROM login_attempts WHERE tenant_id = $1 AND user_id = $2 ORDER BY at DESC LIMIT $3",
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AttemptRecord {
+                    at: get_i64(r, "at")?,
+                    success: get_i64(r, "success")? != 0,
+                    ip: get_str(r, "ip")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Lifts a lock before it runs out; failures so far no longer count towards the next.
+    pub async fn unlock_user(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        now: i64,
+        audit: AuditEvent,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("UPDATE users SET locked_until = $1 WHERE tenant_id = $2 AND id = $3 AND locked_until > $1")
+            .bind(now)
+            .bind(tenant_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            append(
+                &mut tx,
+                &audit.with(
+                    "user.unlock",
+                    format!("user:{user_id}"),
+                    serde_json::json!({}),
+                ),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(n == 1)
