@@ -160,6 +160,33 @@ async fn same_message_for_unknown_user_and_wrong_password() {
     assert_eq!(b1, b2);
     assert_eq!(b1, b3);
     assert_eq!(b1["error"]["message"], INVALID);
+    // Control characters and escapes typed at sign-in never reach the record as such.
+    let r = c
+        .http
+        .post(c.url("/api/v1/auth/login"))
+        .header("user-agent", "evil\tagent")
+        .json(&json!({"login_id": "x\r\n\u{1b}[2Jforged", "password": "p"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (recs, _) = s
+        .state
+        .store
+        .list_audit(s.tenant_id(), &Default::default(), 1, 0)
+        .await
+        .unwrap();
+    let last = &recs[0];
+    assert!(
+        !last.actor_login.chars().any(char::is_control),
+        "{:?}",
+        last.actor_login
+    );
+    assert!(
+        !last.user_agent.chars().any(char::is_control),
+        "{:?}",
+        last.user_agent
+    );
     s.stop().await;
 }
 
@@ -825,9 +852,13 @@ async fn other_tenants_and_other_departments_answer_404() {
         .await;
     let (_, mine) = s.signed_in("kaigo1", "福祉部/介護保険課", Role::User).await;
     let (_, theirs) = s.signed_in("zeimu1", "税務部/市民税課", Role::User).await;
-    let (_, peer_admin) = s
+    let (peer_client, peer_admin) = s
         .signed_in("fukushi_admin2", "福祉部", Role::DepartmentAdmin)
         .await;
+    assert_eq!(
+        peer_client.get_json("/api/v1/admin/users").await.0,
+        StatusCode::OK
+    );
     let (_, list) = da.get_json("/api/v1/admin/users?limit=500").await;
     let logins: Vec<&str> = list["users"]
         .as_array()
@@ -904,6 +935,10 @@ async fn other_tenants_and_other_departments_answer_404() {
         )
         .await;
     assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        peer_client.get_json("/api/v1/admin/users").await.0,
+        StatusCode::FORBIDDEN
+    );
     s.stop().await;
 }
 
