@@ -8,6 +8,7 @@
 //! not at all.
 
 mod audit;
+mod chat;
 mod departments;
 mod imports;
 mod migrate;
@@ -16,6 +17,9 @@ mod tenants;
 mod users;
 
 pub use audit::{AuditEvent, AuditFilter, ChainReport};
+pub use chat::{
+    AnswerEnd, Conversation, Message, Model, ModelInput, NewTurn, Provider, ProviderInput,
+};
 pub use departments::Department;
 pub use imports::{ImportOutcome, PendingImport};
 pub use sessions::{AttemptRecord, LoginAttempt, Session};

@@ -56,7 +56,7 @@ impl Db {
             let admin = Store::connect(&base, 1).await.unwrap();
             admin
                 .pool()
-                .execute(format!("DROP DATABASE {name}").as_str())
+                .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
                 .await
                 .unwrap();
         }
@@ -818,6 +818,249 @@ async fn bench_user_list_100k() {
             ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
         report("department tree with counts", ms);
+        db.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn providers_models_conversations_and_answers() {
+    for db in backends().await {
+        let s = &db.store;
+        let b = format!("{:?}", s.backend());
+        let t = s
+            .create_tenant("sample", "サンプル市", None, 0, ev("cli"))
+            .await
+            .unwrap();
+        let t2 = s
+            .create_tenant("other", "よそ町", None, 0, ev("cli"))
+            .await
+            .unwrap();
+        let d = s
+            .ensure_department_path(&t.id, "総務部", 0, ev_t(&t.id))
+            .await
+            .unwrap();
+        let u = s
+            .create_user(&new_user(&t.id, "chat1", &d.id, Role::User), ev_t(&t.id))
+            .await
+            .unwrap();
+        let other = s
+            .create_user(&new_user(&t.id, "chat2", &d.id, Role::User), ev_t(&t.id))
+            .await
+            .unwrap();
+
+        let pin = ProviderInput {
+            name: "Azure 東日本".into(),
+            kind: "azure_openai".into(),
+            base_url: "https://example.openai.azure.com".into(),
+            api_key: "sk-secret-1".into(),
+            region: "Japan East".into(),
+            no_training: true,
+            enabled: true,
+            ..Default::default()
+        };
+        let p = s
+            .save_provider(&t.id, None, &pin, 1, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert!(!format!("{p:?}").contains("sk-secret-1"));
+        // An edit with an empty key keeps the stored one.
+        let p = s
+            .save_provider(
+                &t.id,
+                Some(&p.id),
+                &ProviderInput {
+                    api_key: String::new(),
+                    region: "Japan West".into(),
+                    ..pin.clone()
+                },
+                2,
+                ev_t(&t.id),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (p.api_key.as_str(), p.region.as_str()),
+            ("sk-secret-1", "Japan West")
+        );
+        assert!(matches!(
+            s.provider(&t2.id, &p.id).await,
+            Err(StorageError::NotFound)
+        ));
+        assert!(
+            matches!(
+                s.save_provider(&t.id, None, &pin, 1, ev_t(&t.id)).await,
+                Err(StorageError::Conflict(_))
+            ),
+            "{b}"
+        );
+
+        let m1 = s
+            .save_model(
+                &t.id,
+                None,
+                &ModelInput {
+                    provider_id: p.id.clone(),
+                    model: "gpt-4o".into(),
+                    display_name: "GPT-4o".into(),
+                    enabled: true,
+                    is_default: true,
+                    all_departments: true,
+                    department_ids: vec![],
+                },
+                3,
+                ev_t(&t.id),
+            )
+            .await
+            .unwrap();
+        let m2 = s
+            .save_model(
+                &t.id,
+                None,
+                &ModelInput {
+                    provider_id: p.id.clone(),
+                    model: "gpt-4o-mini".into(),
+                    display_name: "GPT-4o mini".into(),
+                    enabled: true,
+                    is_default: true,
+                    all_departments: false,
+                    department_ids: vec![d.id.clone()],
+                },
+                3,
+                ev_t(&t.id),
+            )
+            .await
+            .unwrap();
+        assert_eq!(m2.department_ids, vec![d.id.clone()]);
+        let models = s.list_models(&t.id).await.unwrap();
+        assert_eq!(
+            models.iter().filter(|m| m.is_default).count(),
+            1,
+            "{b}: one default"
+        );
+        assert!(!s.model(&t.id, &m1.id).await.unwrap().is_default);
+        // Another tenant's provider cannot carry our model.
+        assert!(s
+            .save_model(
+                &t2.id,
+                None,
+                &ModelInput {
+                    provider_id: p.id.clone(),
+                    model: "x".into(),
+                    display_name: "x".into(),
+                    ..Default::default()
+                },
+                3,
+                ev_t(&t2.id)
+            )
+            .await
+            .is_err());
+
+        let c = s
+            .create_conversation(&t.id, &u.id, "新しい会話", 10)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                s.conversation(&t.id, &other.id, &c.id).await,
+                Err(StorageError::NotFound)
+            ),
+            "{b}: other user's conversation"
+        );
+        let turn = NewTurn {
+            tenant_id: t.id.clone(),
+            conversation_id: c.id.clone(),
+            content: "議事録を要約してください".into(),
+            attachment_name: None,
+            input_chars: 12,
+            model_id: m1.id.clone(),
+            model_name: "GPT-4o".into(),
+            provider_name: p.name.clone(),
+            now: 20,
+        };
+        let (q, a) = s.begin_turn(&turn, ev_t(&t.id)).await.unwrap();
+        let msgs = s.messages(&t.id, &c.id).await.unwrap();
+        assert_eq!(
+            msgs.iter()
+                .map(|m| (m.seq, m.role.as_str(), m.status.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(1, "user", "complete"), (2, "assistant", "streaming")]
+        );
+        assert_eq!(msgs[0].id, q);
+        // A crash leaves no answer "streaming" forever.
+        assert_eq!(s.fail_interrupted_answers().await.unwrap(), 1);
+        let end = AnswerEnd {
+            status: "stopped".into(),
+            content: "要約：".into(),
+            ttft_ms: Some(40),
+            total_ms: 90,
+            ..Default::default()
+        };
+        s.finish_answer(&t.id, &a, &end, &u.id, 30).await.unwrap();
+        let m = s.message(&t.id, &a).await.unwrap();
+        assert_eq!(
+            (m.status.as_str(), m.output_chars, m.ttft_ms),
+            ("stopped", 3, Some(40))
+        );
+        let (_, a2) = s
+            .begin_turn(
+                &NewTurn {
+                    now: 40,
+                    ..turn.clone()
+                },
+                ev_t(&t.id),
+            )
+            .await
+            .unwrap();
+        let end = AnswerEnd {
+            status: "failed".into(),
+            error_code: Some("rate_limited".into()),
+            error_detail: Some("429".into()),
+            total_ms: 5,
+            ..Default::default()
+        };
+        s.finish_answer(&t.id, &a2, &end, &u.id, 50).await.unwrap();
+        assert_eq!(
+            s.list_failures(&t.id, 10).await.unwrap()[0].2,
+            "rate_limited"
+        );
+        assert_eq!(s.messages(&t.id, &c.id).await.unwrap().len(), 4);
+
+        s.rename_conversation(&t.id, &u.id, &c.id, "議事録の要約")
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.rename_conversation(&t.id, &other.id, &c.id, "x").await,
+            Err(StorageError::NotFound)
+        ));
+        assert_eq!(
+            s.list_conversations(&t.id, &u.id, "議事録", 50)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            s.list_conversations(&t.id, &u.id, "%", 50)
+                .await
+                .unwrap()
+                .len(),
+            0
+        );
+        assert!(matches!(
+            s.delete_conversation(&t.id, &other.id, &c.id, ev_t(&t.id))
+                .await,
+            Err(StorageError::NotFound)
+        ));
+        s.delete_conversation(&t.id, &u.id, &c.id, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert!(s.messages(&t.id, &c.id).await.unwrap().is_empty());
+        assert!(s
+            .verify_audit()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.result.is_ok()));
         db.finish().await;
     }
 }
