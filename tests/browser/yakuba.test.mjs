@@ -3,6 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
+import { createServer } from 'node:http';
 import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -17,11 +18,58 @@ const shots = join(process.env.CARGO_TARGET_DIR || join(root, 'target'), 'screen
 const dataDir = mkdtempSync(join(tmpdir(), 'yakuba-browser-'));
 const port = 20000 + Math.floor(Math.random() * 20000);
 const base = `http://127.0.0.1:${port}`;
-const env = { ...process.env, YAKUBA_SECURITY__PASSWORD_HASH_MEMORY_KIB: '1024', YAKUBA_SECURITY__PASSWORD_HASH_ITERATIONS: '1' };
+const env = {
+  ...process.env,
+  YAKUBA_SECURITY__PASSWORD_HASH_MEMORY_KIB: '1024',
+  YAKUBA_SECURITY__PASSWORD_HASH_ITERATIONS: '1',
+  // The fake provider below runs on loopback.
+  YAKUBA_LLM__ALLOW_INTERNAL_PROVIDER_URLS: 'true',
+};
 const NEW_PASSWORD = 'sakura-momiji-tsubaki-2026';
 
 let server;
 let browser;
+let fake;
+let fakeUrl;
+let fakeOpen = 0;
+const asked = new Map();
+
+// A fake OpenAI-compatible provider: a real HTTP server speaking the Chat Completions
+// streaming format. A question containing 「長く」 gets an endless slow answer (to stop).
+function startFake() {
+  return new Promise((resolveStart) => {
+    fake = createServer((req, res) => {
+      let body = '';
+      req.on('data', (c) => { body += c; });
+      req.on('end', () => {
+        const q = JSON.parse(body || '{}');
+        const last = (q.messages || []).slice(-1)[0]?.content || '';
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        const chunk = (text) => `data: ${JSON.stringify({ choices: [{ index: 0, delta: { content: text }, finish_reason: null }] })}\n\n`;
+        fakeOpen++;
+        res.on('close', () => { fakeOpen--; });
+        if (last.includes('長く')) {
+          let n = 0;
+          const timer = setInterval(() => { res.write(chunk(`文${n++}。`)); }, 50);
+          res.on('close', () => clearInterval(timer));
+          return;
+        }
+        // The same question a second time is a regeneration.
+        const seen = (asked.get(last) || 0) + 1;
+        asked.set(last, seen);
+        const regen = seen > 1;
+        for (const t of ['## 回答\n\n', '- 項目は', '**重要**です', regen ? '（再生成）' : '']) res.write(chunk(t));
+        res.write(`data: ${JSON.stringify({ choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] })}\n\n`);
+        res.write(`data: ${JSON.stringify({ choices: [], usage: { prompt_tokens: 10, completion_tokens: 4 } })}\n\n`);
+        res.end('data: [DONE]\n\n');
+      });
+    });
+    fake.listen(0, '127.0.0.1', () => {
+      fakeUrl = `http://127.0.0.1:${fake.address().port}/v1`;
+      resolveStart();
+    });
+  });
+}
 const consoleErrors = [];
 
 function cli(...args) {
@@ -61,6 +109,7 @@ async function shot(page, name, fullPage = true) {
 }
 
 before(async () => {
+  await startFake();
   cli('migrate');
   server = spawn(bin, ['--data-dir', dataDir, 'serve', '--listen', `127.0.0.1:${port}`], { env, stdio: ['ignore', 'inherit', 'inherit'] });
   for (let i = 0; i < 100; i++) {
@@ -79,6 +128,7 @@ before(async () => {
 after(async () => {
   await browser?.close();
   server?.kill('SIGTERM');
+  fake?.close();
 });
 
 test('the banner is shown before sign-in', async () => {
@@ -248,5 +298,61 @@ test('pages load nothing from outside and raise no CSP or script errors', async 
   await shot(page, '09-audit', false);
   assert.deepEqual(outside, []);
   assert.deepEqual(consoleErrors, []);
+  await page.context().close();
+});
+
+test('chat: an admin adds a model, staff stream an answer, stop one and regenerate one', async () => {
+  const page = await newPage();
+  await signIn(page, 'first.admin', NEW_PASSWORD);
+  await page.goto(`${base}/admin/models`);
+  await page.fill('#p-name', '庁内AIサーバー');
+  await page.selectOption('#p-kind', 'openai');
+  await page.fill('#p-url', fakeUrl);
+  await page.fill('#p-key', 'sk-browser-test');
+  await page.fill('#p-region', '庁内（閉域網）');
+  await page.click('form[action="/admin/models/providers"] button[type=submit]');
+  await page.waitForURL(/notice=provider/);
+  await page.fill('#m-model', 'local-model');
+  await page.fill('#m-name', '庁内モデル');
+  await page.check('#m-def');
+  await page.click('form[action="/admin/models/models"] button[type=submit]');
+  await page.waitForURL(/notice=model/);
+  assert.match(await page.locator('#models').innerText(), /庁内モデル（既定）/);
+  // The connection test reports success in Japanese.
+  await page.fill('#providers input[name=model]', 'local-model');
+  await page.click('#providers form[action$="/test"] button');
+  await page.waitForLoadState('load');
+  assert.match(await page.locator('#models-notice').innerText(), /接続できました/);
+  await shot(page, '10-models');
+
+  await page.goto(`${base}/chat`);
+  await page.click('.chat-new');
+  await page.waitForURL(/\/chat\/[0-9a-f]{32}$/);
+  await page.fill('#prompt', '来年度の予算要求の要点をまとめてください');
+  await page.click('#send');
+  // The finished answer is replaced by the server's rendered Markdown.
+  await page.locator('.msg-assistant .md strong').first().waitFor();
+  assert.match(await page.locator('.msg-assistant').last().innerText(), /項目は重要です/);
+  assert.equal(await page.locator('.msg-assistant h2', { hasText: '回答' }).count(), 1);
+
+  // Regenerate: a new answer to the same question.
+  await page.click('#regenerate');
+  await page.waitForFunction(() => /（再生成）/.test(document.querySelector('#messages').textContent));
+  assert.equal(await page.locator('.msg-assistant').count(), 2);
+
+  // Stop: the answer stops growing and is kept as stopped.
+  await page.fill('#prompt', 'できるだけ長く書いてください');
+  await page.click('#send');
+  await page.waitForFunction(() => (document.querySelector('.msg-streaming')?.textContent || '').includes('文3。'));
+  await page.click('#stop');
+  await page.locator('.msg-status', { hasText: '途中で停止しました' }).waitFor();
+  await shot(page, '11-chat', false);
+  // After a reload the stored answer says it was stopped; the upstream was closed.
+  await new Promise((r) => setTimeout(r, 1500));
+  await page.reload();
+  assert.match(await page.locator('.msg-stopped').innerText(), /途中で停止しました/);
+  assert.equal(fakeOpen, 0);
+  assert.equal(await page.locator('#conversations li').count(), 1);
+  assert.match(await page.locator('#conversations').innerText(), /来年度の予算要求/);
   await page.context().close();
 });

@@ -119,6 +119,20 @@ pub fn assign(actor: &Actor, role: Role, department_path: &str) -> Decision {
     }
 }
 
+/// May the caller use a model that is open to every department, or to these departments
+/// (given by path; a department includes the ones below it)?
+pub fn can_use_model(actor: &Actor, all_departments: bool, allowed_paths: &[String]) -> bool {
+    all_departments
+        || allowed_paths
+            .iter()
+            .any(|p| in_subtree(p, &actor.department_path))
+}
+
+/// Chat is for staff and admins; support operators never see chat content (S2).
+pub fn can_chat(actor: &Actor) -> bool {
+    actor.role != Role::Support
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +211,19 @@ mod tests {
         assert!(can_read_audit(&actor(Role::Auditor, "x")));
         assert!(!can_read_audit(&actor(Role::User, "x")));
         assert!(!can_read_audit(&actor(Role::Support, "x")));
+    }
+
+    #[test]
+    fn models_are_open_to_departments_and_the_ones_below() {
+        let a = actor(Role::User, "福祉部/介護保険課");
+        assert!(can_use_model(&a, true, &[]));
+        assert!(can_use_model(&a, false, &["福祉部".into()]));
+        assert!(!can_use_model(
+            &a,
+            false,
+            &["税務部".into(), "福祉部/障害福祉課".into()]
+        ));
+        assert!(!can_chat(&actor(Role::Support, "x")));
     }
 
     #[test]

@@ -39,6 +39,22 @@ pub struct SessionPolicy {
     pub absolute_minutes: u32,
 }
 
+/// Limits on chat input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatPolicy {
+    /// Longest message (characters) staff may send.
+    pub max_message_chars: u32,
+}
+
+impl Default for ChatPolicy {
+    fn default() -> Self {
+        Self {
+            max_message_chars: 100_000,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantSettings {
@@ -49,6 +65,7 @@ pub struct TenantSettings {
     pub lockout_admin: LockoutPolicy,
     pub session_user: SessionPolicy,
     pub session_admin: SessionPolicy,
+    pub chat: ChatPolicy,
 }
 
 impl Default for TenantSettings {
@@ -74,6 +91,7 @@ impl Default for TenantSettings {
                 idle_minutes: 15,
                 absolute_minutes: 8 * 60,
             },
+            chat: ChatPolicy::default(),
         }
     }
 }
@@ -172,6 +190,12 @@ impl TenantSettings {
                     format!("{label}の無操作タイムアウトは最大ログイン時間以下にしてください。"),
                 );
             }
+        }
+        if !(1..=1_000_000).contains(&self.chat.max_message_chars) {
+            push(
+                "chat.max_message_chars",
+                "1回の入力の上限は1〜1,000,000文字で指定してください。".into(),
+            );
         }
         if self.lockout_admin.max_failures > self.lockout_user.max_failures {
             push(

@@ -137,6 +137,78 @@ pub fn department_path(value: &str) -> Result<String, String> {
     Ok(parts.join("/"))
 }
 
+/// True for loopback, private, link-local, unspecified and similar addresses.
+fn is_internal_ip(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.octets()[0] == 0
+                || (v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1]))
+            // carrier-grade NAT
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal_ip(IpAddr::V4(v4));
+            }
+            let seg = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (seg & 0xfe00) == 0xfc00
+                || (seg & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// The base URL of an LLM provider: http(s), no credentials in it, and — unless the
+/// deployment allows internal targets (a city's own vLLM server, tests) — no loopback or
+/// private address in any spelling (`127.0.0.1`, `0x7f000001`, `2130706433`,
+/// `[::ffff:7f00:1]`, `localhost`).
+pub fn provider_url(value: &str, allow_internal: bool) -> Result<String, String> {
+    let v = required_line("接続先URL", value, 500)?;
+    let v = v.trim_end_matches('/').to_string();
+    let lower = v.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+        .ok_or("接続先URLは https:// （閉域網内のサーバーは http:// も可）で始めてください。")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("接続先URLにユーザー名やパスワードを含めないでください。APIキーは専用の欄に入力します。".into());
+    }
+    if authority.is_empty() || v.chars().any(char::is_whitespace) {
+        return Err("接続先URLの形式が正しくありません。".into());
+    }
+    let host = if let Some(h) = authority.strip_prefix('[') {
+        h.split(']').next().unwrap_or("").to_string()
+    } else {
+        authority
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(authority)
+            .to_string()
+    };
+    if !allow_internal {
+        let internal_name = host == "localhost"
+            || host.ends_with(".localhost")
+            || host.ends_with(".local")
+            || host.ends_with(".internal");
+        let numeric = !host.is_empty()
+            && (host.bytes().all(|b| b.is_ascii_digit() || b == b'.') || host.starts_with("0x"));
+        let parsed = host.parse::<std::net::IpAddr>().ok();
+        let internal =
+            internal_name || parsed.is_some_and(is_internal_ip) || (numeric && parsed.is_none());
+        if internal {
+            return Err("内部ネットワークのアドレスは接続先にできません（この設定はサービス全体の管理者が許可した場合のみ可能です）。".into());
+        }
+    }
+    Ok(v)
+}
+
 /// A whole number typed in a form, within a range.
 pub fn number_in(label: &str, value: &str, min: i64, max: i64) -> Result<i64, String> {
     let v = value.trim();
@@ -188,6 +260,35 @@ mod tests {
         );
         assert!(department_path("総務部//情報政策課").is_err());
         assert!(department_path("").is_err());
+    }
+
+    #[test]
+    fn provider_urls_refuse_internal_targets_in_every_spelling() {
+        assert_eq!(
+            provider_url("https://api.openai.com/v1/", false).ok(),
+            Some("https://api.openai.com/v1".into())
+        );
+        for bad in [
+            "http://127.0.0.1:8000/v1",
+            "http://localhost/v1",
+            "http://0x7f000001/",
+            "http://2130706433/",
+            "http://0177.0.0.1/",
+            "http://[::1]/",
+            "http://[::ffff:7f00:1]/",
+            "http://10.1.2.3/",
+            "http://192.168.0.1/",
+            "http://169.254.169.254/latest",
+            "http://user@api.example.jp/",
+            "ftp://x.example/",
+            "javascript:alert(1)",
+            "http://0.0.0.0/",
+            "http://[fd00::1]/",
+        ] {
+            assert!(provider_url(bad, false).is_err(), "{bad}");
+        }
+        assert!(provider_url("http://127.0.0.1:8000/v1", true).is_ok());
+        assert!(provider_url("http://user:pw@127.0.0.1/", true).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{info_for_status, AppError, ErrorInfo};
-use crate::{admin, api, assets, pages};
+use crate::{admin, api, assets, chat_web, models_admin, pages};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -684,6 +684,8 @@ pub fn router(state: Shared) -> Router {
         .merge(pages::routes())
         .merge(admin::routes(max_import))
         .merge(api::routes(max_import))
+        .merge(chat_web::routes())
+        .merge(models_admin::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .layer(DefaultBodyLimit::max(max_body));

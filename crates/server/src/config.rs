@@ -45,6 +45,18 @@ pub struct Config {
     /// `text` or `json`.
     pub log_format: String,
     pub security: SecurityConfig,
+    pub llm: LlmConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Let tenant admins point providers at loopback or private addresses (an on-premises
+    /// vLLM server, tests). Off for a shared SaaS, where such a URL would reach the
+    /// operator's internal network.
+    pub allow_internal_provider_urls: bool,
+    /// The egress proxy all LLM traffic leaves through, unless a provider sets its own.
+    pub egress_proxy: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -84,6 +96,7 @@ impl Default for Config {
             trust_proxy_headers: false,
             log_format: "text".into(),
             security: SecurityConfig::default(),
+            llm: LlmConfig::default(),
         }
     }
 }

@@ -31,6 +31,7 @@ pub struct NavUser {
     pub can_users: bool,
     pub can_tenant: bool,
     pub can_audit: bool,
+    pub can_chat: bool,
 }
 
 impl Layout {
@@ -46,6 +47,7 @@ impl Layout {
                 can_users: policy::user_scope(actor).is_some() && !a.auth.user.password_temporary,
                 can_tenant: policy::can_manage_tenant(actor) && !a.auth.user.password_temporary,
                 can_audit: policy::can_read_audit(actor) && !a.auth.user.password_temporary,
+                can_chat: policy::can_chat(actor) && !a.auth.user.password_temporary,
             }),
             csrf: a.auth.session.csrf.clone(),
             nav,

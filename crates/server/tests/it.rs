@@ -702,13 +702,20 @@ async fn account_lifecycle_and_sessions_end_on_disable() {
 #[tokio::test]
 async fn authorisation_matrix_over_every_api_route() {
     let doc: Value = serde_json::from_str(server::openapi::DOCUMENT).unwrap();
-    let src = include_str!("../src/api.rs");
-    let table = src.split("pub fn routes").nth(1).unwrap();
-    let mut in_source: Vec<String> = table
-        .split("\"/api/")
-        .skip(1)
-        .map(|s| format!("/api/{}", s.split('"').next().unwrap()))
-        .collect();
+    let mut in_source: Vec<String> = Vec::new();
+    for src in [
+        include_str!("../src/api.rs"),
+        include_str!("../src/chat_web.rs"),
+        include_str!("../src/models_admin.rs"),
+    ] {
+        let table = src.split("pub fn routes").nth(1).unwrap();
+        in_source.extend(
+            table
+                .split("\"/api/")
+                .skip(1)
+                .map(|s| format!("/api/{}", s.split('"').next().unwrap())),
+        );
+    }
     in_source.sort();
     let mut documented: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
     documented.sort();
@@ -1434,4 +1441,404 @@ async fn cli_creates_admin_and_audit_verify_detects_tampering() {
 async fn sqlx_exec(store: &storage::Store, sql: &'static str) {
     use sqlx::Executor;
     store.pool().execute(sql).await.unwrap();
+}
+
+// ---------------------------------------------------------------- chat
+
+/// Reads a whole SSE response into (event, data) pairs.
+async fn sse_events(r: reqwest::Response) -> Vec<(String, Value)> {
+    let text = r.text().await.unwrap();
+    text.split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .filter_map(|frame| {
+            let mut name = String::from("message");
+            let mut data = String::new();
+            for line in frame.lines() {
+                if let Some(n) = line.strip_prefix("event:") {
+                    name = n.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim());
+                }
+            }
+            if data.is_empty() {
+                None
+            } else {
+                Some((name, serde_json::from_str(&data).unwrap_or(Value::Null)))
+            }
+        })
+        .collect()
+}
+
+async fn chat_server() -> TestServer {
+    TestServer::start_with(|c| c.llm.allow_internal_provider_urls = true).await
+}
+
+/// Registers a fake as a provider with one model; returns the model id.
+async fn add_model(
+    a: &Client,
+    name: &str,
+    kind: &str,
+    base_url: &str,
+    model: &str,
+    departments: Vec<String>,
+) -> String {
+    let (st, p) = a
+        .post_json("/api/v1/admin/providers", &json!({"name": name, "kind": kind, "base_url": base_url, "api_key": "sk-test-key", "region": "日本（東日本）", "no_training": true}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{p}");
+    assert!(p.get("api_key").is_none(), "the key is never sent back");
+    let (st, m) = a
+        .post_json("/api/v1/admin/models", &json!({"provider_id": p["id"], "model": model, "display_name": format!("{name} {model}"), "department_ids": departments}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{m}");
+    m["id"].as_str().unwrap().to_string()
+}
+
+async fn send(c: &Client, conv: &str, model: &str, content: &str) -> reqwest::Response {
+    c.http
+        .post(c.url(&format!("/api/v1/conversations/{conv}/messages")))
+        .header("x-csrf-token", c.csrf())
+        .json(&json!({"content": content, "model_id": model}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn chat_streams_answers_from_openai_compatible_and_anthropic() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let openai = fakes::FakeProvider::start(fakes::Flavor::OpenAi).await;
+    let anthropic = fakes::FakeProvider::start(fakes::Flavor::Anthropic).await;
+    openai.set_default(fakes::Script::Answer {
+        chunks: vec![
+            "## 要約\n\n".into(),
+            "- 予算は".into(),
+            "**1,234万円**".into(),
+        ],
+        delay_ms: 0,
+    });
+    let m1 = add_model(
+        &a,
+        "社内vLLM",
+        "openai",
+        &openai.base_url,
+        "qwen2.5-7b",
+        vec![],
+    )
+    .await;
+    let m2 = add_model(
+        &a,
+        "Anthropic",
+        "anthropic",
+        &anthropic.base_url,
+        "claude-3-5-sonnet-latest",
+        vec![],
+    )
+    .await;
+
+    let (staff, _) = s.signed_in("chatter", "税務部", Role::User).await;
+    let (_, models) = staff.get_json("/api/v1/models").await;
+    assert_eq!(models["models"].as_array().unwrap().len(), 2, "{models}");
+    let (st, conv) = staff.post_json("/api/v1/conversations", &json!({})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let conv = conv["id"].as_str().unwrap().to_string();
+
+    let r = send(&staff, &conv, &m1, "会議録を要約してください").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_events(r).await;
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "delta")
+        .map(|(_, d)| d["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, "## 要約\n\n- 予算は**1,234万円**");
+    let usage = events.iter().find(|(n, _)| n == "usage").unwrap();
+    assert_eq!(usage.1["output_chars"], text.chars().count());
+    let done = events.iter().find(|(n, _)| n == "done").unwrap();
+    assert_eq!(done.1["status"], "complete");
+    // The provider got its real wire format with the key and the question.
+    let req = &openai.requests()[0];
+    assert_eq!(req.body["model"], "qwen2.5-7b");
+    assert_eq!(req.body["stream"], true);
+    assert!(req.body.to_string().contains("会議録を要約してください"));
+
+    // The second turn goes to Anthropic with the history.
+    let events = sse_events(send(&staff, &conv, &m2, "もっと短く").await).await;
+    assert!(
+        events
+            .iter()
+            .any(|(n, d)| n == "done" && d["status"] == "complete"),
+        "{events:?}"
+    );
+    let body = &anthropic.requests()[0].body;
+    assert_eq!(
+        body["messages"].as_array().unwrap().len(),
+        3,
+        "history: question, answer, new question: {body}"
+    );
+
+    // Stored with timings and character counts; the title came from the first question.
+    let (_, got) = staff
+        .get_json(&format!("/api/v1/conversations/{conv}"))
+        .await;
+    assert_eq!(got["conversation"]["title"], "会議録を要約してください");
+    let msgs = got["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 4);
+    assert_eq!(msgs[1]["status"], "complete");
+    assert_eq!(msgs[1]["output_chars"], text.chars().count());
+    assert!(msgs[1]["ttft_ms"].is_number() && msgs[1]["total_ms"].is_number());
+    assert_eq!(
+        msgs[1]["input_chars"],
+        "会議録を要約してください".chars().count()
+    );
+    assert_eq!(msgs[1]["input_tokens"], 12);
+    // The page renders the answer's Markdown on the server.
+    let (_, html) = staff.get_text(&format!("/chat/{conv}")).await;
+    assert!(
+        html.contains("<h2>要約</h2>") && html.contains("<strong>1,234万円</strong>"),
+        "{html}"
+    );
+
+    // Another user cannot read, rename, delete or continue this conversation.
+    let (other, _) = s.signed_in("other1", "税務部", Role::User).await;
+    assert_eq!(
+        other
+            .get_json(&format!("/api/v1/conversations/{conv}"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(&other, &conv, &m1, "続けて").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        other
+            .send_json(
+                Method::DELETE,
+                &format!("/api/v1/conversations/{conv}"),
+                None
+            )
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        other.get_text(&format!("/chat/{conv}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, list) = other.get_json("/api/v1/conversations").await;
+    assert!(list["conversations"].as_array().unwrap().is_empty());
+    openai.stop().await;
+    anthropic.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_keeps_the_partial_answer_and_drops_the_upstream() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = fakes::FakeProvider::start(fakes::Flavor::Gemini).await;
+    fake.set_default(fakes::Script::Endless { delay_ms: 20 });
+    let m = add_model(
+        &a,
+        "Gemini",
+        "gemini",
+        &fake.base_url,
+        "gemini-2.0-flash",
+        vec![],
+    )
+    .await;
+    let (staff, _) = s.signed_in("stopper", "総務部", Role::User).await;
+    let (_, conv) = staff
+        .post_json("/api/v1/conversations", &json!({"title": "停止の確認"}))
+        .await;
+    let conv = conv["id"].as_str().unwrap().to_string();
+    let mut r = send(&staff, &conv, &m, "長い文章を書いて").await;
+    let mut got = String::new();
+    while got.matches("event: delta").count() < 3 {
+        got.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()));
+    }
+    assert_eq!(fake.open_streams(), 1);
+    drop(r); // the stop button
+    let started = std::time::Instant::now();
+    loop {
+        let (_, c) = staff
+            .get_json(&format!("/api/v1/conversations/{conv}"))
+            .await;
+        let ans = &c["messages"][1];
+        if ans["status"] == "stopped" {
+            assert!(
+                !ans["content"].as_str().unwrap().is_empty(),
+                "the partial answer is kept"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "not stopped: {c}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    while fake.open_streams() > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "upstream still open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    fake.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn failures_are_honest_and_recorded() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = fakes::FakeProvider::start(fakes::Flavor::OpenAi).await;
+    let m = add_model(
+        &a,
+        "不調なサービス",
+        "openai",
+        &fake.base_url,
+        "gpt-4o",
+        vec![],
+    )
+    .await;
+    let (staff, _) = s.signed_in("unlucky", "総務部", Role::User).await;
+    let (_, conv) = staff.post_json("/api/v1/conversations", &json!({})).await;
+    let conv = conv["id"].as_str().unwrap().to_string();
+    fake.set_default(fakes::Script::Status {
+        code: 500,
+        retry_after: None,
+        body: "{\"error\":{\"message\":\"upstream exploded\"}}".into(),
+    });
+    let events = sse_events(send(&staff, &conv, &m, "こんにちは").await).await;
+    let err = events
+        .iter()
+        .find(|(n, _)| n == "error")
+        .expect("error event");
+    assert!(
+        err.1["message"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .any(|c| ('\u{3040}'..='\u{30ff}').contains(&c)),
+        "{err:?}"
+    );
+    assert_eq!(err.1["retryable"], true);
+    let (_, c) = staff
+        .get_json(&format!("/api/v1/conversations/{conv}"))
+        .await;
+    assert_eq!(c["messages"][1]["status"], "failed");
+    assert!(c["messages"][1]["error_detail"]
+        .as_str()
+        .unwrap()
+        .contains("upstream exploded"));
+    let failures = s
+        .state
+        .store
+        .list_failures(s.tenant_id(), 10)
+        .await
+        .unwrap();
+    assert_eq!(failures.len(), 1);
+
+    // A cut stream is not stored as complete.
+    fake.set_default(fakes::Script::CutAfter {
+        chunks: vec!["途中".into()],
+    });
+    let events = sse_events(send(&staff, &conv, &m, "もう一度").await).await;
+    assert!(events.iter().any(|(n, _)| n == "error"));
+    let (_, c) = staff
+        .get_json(&format!("/api/v1/conversations/{conv}"))
+        .await;
+    assert_eq!(c["messages"][3]["status"], "failed");
+    assert_eq!(c["messages"][3]["content"], "途中");
+
+    // Bad input: empty, too long, control characters, unknown model.
+    for (content, model) in [
+        ("", m.as_str()),
+        ("\u{7}ベル", m.as_str()),
+        ("有効な質問", "0123456789abcdef0123456789abcdef"),
+    ] {
+        let r = send(&staff, &conv, model, content).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{content}");
+        let v: Value = r.json().await.unwrap();
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let long = "あ".repeat(100_001);
+    assert_eq!(
+        send(&staff, &conv, &m, &long).await.status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    fake.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn models_follow_departments_and_provider_urls_are_checked() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    // In a shared deployment, internal addresses are refused in every spelling.
+    for url in [
+        "http://127.0.0.1:9/v1",
+        "http://0x7f000001/",
+        "http://[::ffff:7f00:1]/",
+        "http://169.254.169.254/",
+    ] {
+        let (st, body) = a.post_json("/api/v1/admin/providers", &json!({"name": "x", "kind": "openai", "base_url": url, "api_key": "k", "region": "日本"})).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {body}");
+    }
+    let (st, p) = a.post_json("/api/v1/admin/providers", &json!({"name": "OpenAI", "kind": "openai", "base_url": "https://api.openai.example/v1", "api_key": "sk-never-shown", "region": "米国", "no_training": false})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (_, list) = a.get_json("/api/v1/admin/providers").await;
+    assert!(!list.to_string().contains("sk-never-shown"));
+    let (_, html) = a.get_text("/admin/models").await;
+    assert!(!html.contains("sk-never-shown") && html.contains("除外されていない"));
+    let fukushi = s
+        .state
+        .store
+        .ensure_department_path(s.tenant_id(), "福祉部", s.now(), s.audit())
+        .await
+        .unwrap();
+    let (_, m) = a
+        .post_json("/api/v1/admin/models", &json!({"provider_id": p["id"], "model": "gpt-4o", "display_name": "福祉専用", "department_ids": [fukushi.id]}))
+        .await;
+    let (welfare, _) = s.signed_in("kaigo9", "福祉部/介護保険課", Role::User).await;
+    let (tax, _) = s.signed_in("zeimu9", "税務部", Role::User).await;
+    assert_eq!(
+        welfare.get_json("/api/v1/models").await.1["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        tax.get_json("/api/v1/models").await.1["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let (_, conv) = tax.post_json("/api/v1/conversations", &json!({})).await;
+    let r = send(
+        &tax,
+        conv["id"].as_str().unwrap(),
+        m["id"].as_str().unwrap(),
+        "使えますか",
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // Support operators never chat (S2).
+    let (support, _) = s.signed_in("help9", "総務部", Role::Support).await;
+    assert_eq!(
+        support.get_json("/api/v1/conversations").await.0,
+        StatusCode::FORBIDDEN
+    );
+    s.stop().await;
 }

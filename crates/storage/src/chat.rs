@@ -139,7 +139,7 @@ pub struct NewTurn {
     pub conversation_id: String,
     pub content: String,
     pub attachment_name: Option<String>,
-    /// Characters sent to the model for this turn (prompt, history, attachment).
+    /// Characters sent to the model for this answer (prompt, history, attachment).
     pub input_chars: i64,
     pub model_id: String,
     pub model_name: String,
@@ -624,10 +624,21 @@ impl Store {
                 t.content.as_str(),
                 "complete",
                 t.attachment_name.clone(),
-                t.input_chars,
+                // The question counts its own characters; the answer carries everything
+                // sent for it (history included) and then what came back.
+                t.content.chars().count() as i64,
                 0i64,
             ),
-            (&aid, seq + 2, "assistant", "", "streaming", None, 0, 0),
+            (
+                &aid,
+                seq + 2,
+                "assistant",
+                "",
+                "streaming",
+                None,
+                t.input_chars,
+                0,
+            ),
         ] {
             sqlx::query(&insert)
                 .bind(id)
@@ -660,6 +671,46 @@ impl Store {
         append(&mut tx, &ev).await?;
         tx.commit().await?;
         Ok((uid, aid))
+    }
+
+    /// Stores an empty `streaming` answer to the last question (regeneration).
+    pub async fn begin_answer(&self, t: &NewTurn, audit: AuditEvent) -> Result<String> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0) AS s FROM messages WHERE conversation_id = $1",
+        )
+        .bind(&t.conversation_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let seq = get_i64(&r, "s")? + 1;
+        let id = domain::ids::new_id();
+        sqlx::query(&format!(
+            "INSERT INTO messages (tenant_id, {MESSAGE_COLS}) VALUES ($1, $2, $3, $4, 'assistant', '', 'streaming', $5, $6, $7, NULL, NULL, NULL, $8, 0, NULL, NULL, NULL, NULL, $9)"
+        ))
+        .bind(&t.tenant_id)
+        .bind(&id)
+        .bind(&t.conversation_id)
+        .bind(seq)
+        .bind(&t.model_id)
+        .bind(&t.model_name)
+        .bind(&t.provider_name)
+        .bind(t.input_chars)
+        .bind(t.now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE conversations SET updated_at = $1 WHERE id = $2")
+            .bind(t.now)
+            .bind(&t.conversation_id)
+            .execute(&mut *tx)
+            .await?;
+        let ev = audit.with(
+            "chat.regenerate",
+            format!("conversation:{}", t.conversation_id),
+            serde_json::json!({"message_id": id, "model": t.model_name, "provider": t.provider_name, "input_chars": t.input_chars}),
+        );
+        append(&mut tx, &ev).await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     /// Writes how an answer ended (and a failure record when it failed).

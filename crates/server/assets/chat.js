@@ -1,0 +1,159 @@
+// Chat: sends a message and shows the answer as it streams (server-sent events over a
+// fetch POST, so the CSRF header can be sent). While streaming, the answer grows as plain
+// text; when it ends, the server's rendered and sanitised HTML replaces it. The stop button
+// aborts the request, which makes the server drop the upstream call.
+(function () {
+  'use strict';
+  var root = document.querySelector('.chat');
+  var form = document.getElementById('composer');
+  if (!root || !form) return;
+  var conversation = root.getAttribute('data-conversation');
+  var csrf = root.getAttribute('data-csrf');
+  var prompt = document.getElementById('prompt');
+  var model = document.getElementById('model');
+  var sendBtn = document.getElementById('send');
+  var stopBtn = document.getElementById('stop');
+  var regenBtn = document.getElementById('regenerate');
+  var errorBox = document.getElementById('composer-error');
+  var messages = document.getElementById('messages');
+  var controller = null;
+
+  function showError(text) {
+    errorBox.textContent = text;
+    errorBox.hidden = !text;
+  }
+
+  function bubble(role, text) {
+    var art = document.createElement('article');
+    art.className = 'msg msg-' + role + (role === 'assistant' ? ' msg-streaming' : '');
+    var body = document.createElement('div');
+    body.className = 'msg-body msg-text';
+    body.textContent = text;
+    art.appendChild(body);
+    var empty = messages.querySelector('.empty-chat');
+    if (empty) empty.remove();
+    messages.appendChild(art);
+    art.scrollIntoView({ block: 'end' });
+    return art;
+  }
+
+  function setBusy(busy) {
+    sendBtn.hidden = busy;
+    if (busy) regenBtn.hidden = true;
+    stopBtn.hidden = !busy;
+    prompt.readOnly = busy;
+    if (busy) stopBtn.focus(); else prompt.focus();
+  }
+
+  async function replaceWithRendered(art, messageId) {
+    try {
+      var r = await fetch('/chat/' + conversation + '/messages/' + messageId, { headers: { 'Accept': 'text/html' } });
+      if (!r.ok) return;
+      var html = await r.text();
+      var tpl = document.createElement('template');
+      tpl.innerHTML = html.trim();
+      var fresh = tpl.content.firstElementChild;
+      if (fresh) art.replaceWith(fresh);
+    } catch (e) { /* the plain text stays */ }
+  }
+
+  function handle(name, data, state) {
+    var p = {};
+    try { p = JSON.parse(data); } catch (e) { return; }
+    if (name === 'delta') {
+      state.body.textContent += p.text;
+    } else if (name === 'error') {
+      state.error = p.message + (p.retryable ? '（もう一度送信できます）' : '');
+    } else if (name === 'done') {
+      state.messageId = p.message_id;
+    }
+  }
+
+  // Posts `payload` to `url` and streams the answer into a new bubble. `asked` is the
+  // question shown above it (none when regenerating).
+  async function run(url, payload, asked) {
+    showError('');
+    if (asked !== null) bubble('user', asked);
+    var art = bubble('assistant', '');
+    var state = { body: art.querySelector('.msg-body'), error: '', messageId: null };
+    controller = new AbortController();
+    setBusy(true);
+    try {
+      var r = await fetch(url, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json', 'Accept': 'text/event-stream', 'X-CSRF-Token': csrf },
+        body: JSON.stringify(payload),
+        signal: controller.signal
+      });
+      if (!r.ok) {
+        var err = {};
+        try { err = await r.json(); } catch (e) { /* not JSON */ }
+        art.remove();
+        var prev = messages.lastElementChild;
+        if (asked !== null && prev && prev.classList.contains('msg-user')) prev.remove();
+        showError((err.error && err.error.message) || '送信できませんでした。');
+        return;
+      }
+      if (asked !== null) prompt.value = '';
+      var reader = r.body.getReader();
+      var decoder = new TextDecoder();
+      var buf = '';
+      for (;;) {
+        var chunk = await reader.read();
+        if (chunk.done) break;
+        buf += decoder.decode(chunk.value, { stream: true });
+        var at;
+        while ((at = buf.indexOf('\n\n')) >= 0) {
+          var frame = buf.slice(0, at);
+          buf = buf.slice(at + 2);
+          var name = 'message', data = '';
+          frame.split('\n').forEach(function (line) {
+            if (line.indexOf('event:') === 0) name = line.slice(6).trim();
+            else if (line.indexOf('data:') === 0) data += line.slice(5).trim();
+          });
+          handle(name, data, state);
+        }
+      }
+      if (state.error) showError(state.error);
+      if (state.messageId) await replaceWithRendered(art, state.messageId);
+    } catch (e) {
+      if (e.name === 'AbortError') {
+        art.classList.remove('msg-streaming');
+        var note = document.createElement('p');
+        note.className = 'msg-status';
+        note.textContent = '■ 途中で停止しました';
+        art.appendChild(note);
+      } else {
+        showError('通信が切れました。もう一度送信してください。');
+      }
+    } finally {
+      controller = null;
+      setBusy(false);
+      regenBtn.hidden = false;
+    }
+  }
+
+  function send() {
+    var text = prompt.value;
+    if (!text.trim()) { showError('メッセージを入力してください。'); prompt.focus(); return; }
+    run('/api/v1/conversations/' + conversation + '/messages', { content: text, model_id: model.value }, text);
+  }
+
+  function regenerate() {
+    run('/api/v1/conversations/' + conversation + '/regenerate', { model_id: model.value }, null);
+  }
+
+  form.addEventListener('submit', function (e) { e.preventDefault(); if (!controller) send(); });
+  prompt.addEventListener('keydown', function (e) {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); if (!controller) send(); }
+  });
+  stopBtn.addEventListener('click', function () { if (controller) controller.abort(); });
+  regenBtn.addEventListener('click', function () { if (!controller) regenerate(); });
+  document.addEventListener('click', function (e) {
+    var b = e.target.closest && e.target.closest('button.copy');
+    if (!b || !navigator.clipboard) return;
+    navigator.clipboard.writeText(b.getAttribute('data-copy') || '').then(function () {
+      var old = b.textContent; b.textContent = 'コピーしました'; setTimeout(function () { b.textContent = old; }, 1500);
+    });
+  });
+}());

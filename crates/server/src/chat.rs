@@ -1,0 +1,470 @@
+//! Chat: conversations of one user, sending a message to a model the user may use, and the
+//! answer streamed back as server-sent events while it is stored. The answer is written as
+//! `streaming` first and finally as `complete`, `stopped` or `failed`. When the browser goes
+//! away (stop button, closed tab), the upstream request is dropped and the partial answer is
+//! kept as `stopped`.
+
+use crate::app::{Authed, Shared};
+use crate::error::{AppError, AppResult};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use domain::policy;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+use storage::{AnswerEnd, Conversation, Message, Model, NewTurn, Provider};
+use tokio::sync::mpsc;
+
+pub fn require_chat(a: &Authed) -> AppResult<()> {
+    if policy::can_chat(a.actor()) {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden)
+    }
+}
+
+/// A conversation of the caller; anyone else's answers 404.
+pub async fn own_conversation(state: &Shared, a: &Authed, id: &str) -> AppResult<Conversation> {
+    require_chat(a)?;
+    if !domain::ids::is_valid_id(id) {
+        return Err(AppError::NotFound);
+    }
+    Ok(state
+        .store
+        .conversation(&a.ctx.tenant.id, &a.auth.user.id, id)
+        .await?)
+}
+
+/// A model as offered to staff.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelChoice {
+    pub id: String,
+    pub display_name: String,
+    pub provider_name: String,
+    pub is_default: bool,
+}
+
+/// The models this caller may use now: enabled, with an enabled provider, open to their
+/// department.
+pub async fn usable_models(state: &Shared, a: &Authed) -> AppResult<Vec<(Model, ModelChoice)>> {
+    let tenant = &a.ctx.tenant.id;
+    let models = state.store.list_models(tenant).await?;
+    let depts = state.store.list_departments(tenant).await?;
+    let path_of = |id: &str| depts.iter().find(|d| d.id == id).map(|d| d.path.clone());
+    Ok(models
+        .into_iter()
+        .filter(|m| m.enabled && m.provider_enabled)
+        .filter(|m| {
+            let paths: Vec<String> = m.department_ids.iter().filter_map(|d| path_of(d)).collect();
+            policy::can_use_model(a.actor(), m.all_departments, &paths)
+        })
+        .map(|m| {
+            let c = ModelChoice {
+                id: m.id.clone(),
+                display_name: m.display_name.clone(),
+                provider_name: m.provider_name.clone(),
+                is_default: m.is_default,
+            };
+            (m, c)
+        })
+        .collect())
+}
+
+/// The client for a provider, with the deployment's egress proxy unless it has its own.
+pub fn client_for(state: &Shared, p: &Provider) -> Result<llm::Client, llm::LlmError> {
+    let kind = llm::ProviderKind::parse(&p.kind).unwrap_or(llm::ProviderKind::OpenAi);
+    let mut cfg = llm::ProviderConfig::new(kind, p.base_url.clone(), p.api_key.clone());
+    cfg.api_version = p.api_version.clone();
+    cfg.proxy = p
+        .proxy
+        .clone()
+        .or_else(|| state.config.llm.egress_proxy.clone());
+    llm::Client::new(cfg)
+}
+
+pub fn title_from(content: &str) -> String {
+    let line = content
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("新しい会話");
+    let mut t: String = line.chars().take(40).collect();
+    if line.chars().count() > 40 {
+        t.push('…');
+    }
+    t
+}
+
+#[derive(Deserialize)]
+pub struct SendInput {
+    #[serde(default)]
+    pub content: String,
+    #[serde(default)]
+    pub model_id: String,
+}
+
+/// What the browser receives, one JSON object per event.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Payload {
+    Delta {
+        text: String,
+    },
+    Usage {
+        input_chars: i64,
+        output_chars: i64,
+        input_tokens: Option<i64>,
+        output_tokens: Option<i64>,
+        ttft_ms: Option<i64>,
+        total_ms: i64,
+    },
+    Done {
+        message_id: String,
+        status: &'static str,
+    },
+    Error {
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+}
+
+fn event(name: &str, p: &Payload) -> Event {
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(p).unwrap_or_else(|_| "{}".into()))
+}
+
+/// The conversation as the model sees it: each question with the last completed answer to
+/// it (a regenerated answer replaces the earlier one); unanswered questions are left out, so
+/// roles alternate as every provider requires.
+fn history_pairs(history: &[Message]) -> Vec<llm::ChatMessage> {
+    let mut out = Vec::new();
+    let mut question: Option<&Message> = None;
+    let mut answer: Option<&Message> = None;
+    let flush = |q: Option<&Message>, a: Option<&Message>, out: &mut Vec<llm::ChatMessage>| {
+        if let (Some(q), Some(a)) = (q, a) {
+            out.push(llm::ChatMessage {
+                role: llm::Role::User,
+                content: q.content.clone(),
+            });
+            out.push(llm::ChatMessage {
+                role: llm::Role::Assistant,
+                content: a.content.clone(),
+            });
+        }
+    };
+    for m in history {
+        if m.role == "user" {
+            flush(question.take(), answer.take(), &mut out);
+            question = Some(m);
+        } else if m.status == "complete" {
+            answer = Some(m);
+        }
+    }
+    flush(question, answer, &mut out);
+    out
+}
+
+/// A model the caller may use, with its provider.
+async fn pick_model(state: &Shared, a: &Authed, model_id: &str) -> AppResult<(Model, Provider)> {
+    let models = usable_models(state, a).await?;
+    let Some((model, _)) = models.into_iter().find(|(m, _)| m.id == model_id) else {
+        return Err(AppError::field("model_id", "このモデルは使えません。一覧から選び直してください（停止中か、所属部署に許可されていないモデルです）。"));
+    };
+    let provider = state
+        .store
+        .provider(&a.ctx.tenant.id, &model.provider_id)
+        .await?;
+    Ok((model, provider))
+}
+
+/// Starts the answer in the background and returns the events for the browser.
+fn start(
+    state: &Shared,
+    a: &Authed,
+    answer_id: String,
+    input_chars: i64,
+    provider: &Provider,
+    req: llm::ChatRequest,
+) -> Response {
+    let (sse_tx, sse_rx) = mpsc::channel::<Event>(256);
+    let job = Answer {
+        state: state.clone(),
+        tenant_id: a.ctx.tenant.id.clone(),
+        user_id: a.auth.user.id.clone(),
+        answer_id,
+        input_chars,
+        client: client_for(state, provider),
+        req,
+    };
+    tokio::spawn(job.run(sse_tx));
+    let stream = futures_util::stream::unfold(sse_rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// Checks a message, stores the turn and starts the answer.
+pub async fn send(
+    state: &Shared,
+    a: &Authed,
+    conversation_id: &str,
+    input: &SendInput,
+) -> AppResult<Response> {
+    let conv = own_conversation(state, a, conversation_id).await?;
+    let max = a.ctx.tenant.settings.chat.max_message_chars as usize;
+    let content = domain::validate::multi_line("メッセージ", &input.content, max)
+        .map_err(|e| AppError::field("content", e))?;
+    if content.trim().is_empty() {
+        return Err(AppError::field("content", "メッセージを入力してください。"));
+    }
+    let (model, provider) = pick_model(state, a, &input.model_id).await?;
+    let history = state.store.messages(&a.ctx.tenant.id, &conv.id).await?;
+    let mut messages = history_pairs(&history);
+    messages.push(llm::ChatMessage {
+        role: llm::Role::User,
+        content: content.clone(),
+    });
+    let input_chars = messages
+        .iter()
+        .map(|m| m.content.chars().count() as i64)
+        .sum();
+    let req = llm::ChatRequest {
+        model: model.model.clone(),
+        system: None,
+        messages,
+        max_tokens: None,
+        temperature: None,
+    };
+    let turn = NewTurn {
+        tenant_id: a.ctx.tenant.id.clone(),
+        conversation_id: conv.id.clone(),
+        content: content.clone(),
+        attachment_name: None,
+        input_chars,
+        model_id: model.id.clone(),
+        model_name: model.display_name.clone(),
+        provider_name: provider.name.clone(),
+        now: a.ctx.now,
+    };
+    let (_, answer_id) = state.store.begin_turn(&turn, a.audit()).await?;
+    if history.is_empty() && conv.title == "新しい会話" {
+        let _ = state
+            .store
+            .rename_conversation(
+                &a.ctx.tenant.id,
+                &a.auth.user.id,
+                &conv.id,
+                &title_from(&content),
+            )
+            .await;
+    }
+    Ok(start(state, a, answer_id, input_chars, &provider, req))
+}
+
+/// Answers the last question again (with this model); the earlier answers stay on record.
+pub async fn regenerate(
+    state: &Shared,
+    a: &Authed,
+    conversation_id: &str,
+    model_id: &str,
+) -> AppResult<Response> {
+    let conv = own_conversation(state, a, conversation_id).await?;
+    let (model, provider) = pick_model(state, a, model_id).await?;
+    let history = state.store.messages(&a.ctx.tenant.id, &conv.id).await?;
+    let Some(last_q) = history.iter().rposition(|m| m.role == "user") else {
+        return Err(AppError::BadRequest("まだ質問がありません。".into()));
+    };
+    if history[last_q..].iter().any(|m| m.status == "streaming") {
+        return Err(AppError::Conflict(
+            "回答の作成中です。終わってから再生成してください。".into(),
+        ));
+    }
+    let mut messages = history_pairs(&history[..last_q]);
+    messages.push(llm::ChatMessage {
+        role: llm::Role::User,
+        content: history[last_q].content.clone(),
+    });
+    let input_chars = messages
+        .iter()
+        .map(|m| m.content.chars().count() as i64)
+        .sum();
+    let req = llm::ChatRequest {
+        model: model.model.clone(),
+        system: None,
+        messages,
+        max_tokens: None,
+        temperature: None,
+    };
+    let turn = NewTurn {
+        tenant_id: a.ctx.tenant.id.clone(),
+        conversation_id: conv.id.clone(),
+        content: String::new(),
+        attachment_name: None,
+        input_chars,
+        model_id: model.id.clone(),
+        model_name: model.display_name.clone(),
+        provider_name: provider.name.clone(),
+        now: a.ctx.now,
+    };
+    let answer_id = state.store.begin_answer(&turn, a.audit()).await?;
+    Ok(start(state, a, answer_id, input_chars, &provider, req))
+}
+
+struct Answer {
+    state: Shared,
+    tenant_id: String,
+    user_id: String,
+    answer_id: String,
+    input_chars: i64,
+    client: Result<llm::Client, llm::LlmError>,
+    req: llm::ChatRequest,
+}
+
+impl Answer {
+    /// Runs upstream, relays deltas, and stores the outcome whatever happens.
+    async fn run(self, sse: mpsc::Sender<Event>) {
+        let started = Instant::now();
+        let mut content = String::new();
+        let mut ttft: Option<i64> = None;
+        let mut cancelled = false;
+        let result = match self.client {
+            Err(e) => Err(e),
+            Ok(client) => {
+                let (tx, mut rx) = mpsc::channel::<String>(64);
+                let req = self.req;
+                let upstream = tokio::spawn(async move { client.stream(&req, tx).await });
+                loop {
+                    tokio::select! {
+                        d = rx.recv() => match d {
+                            Some(text) => {
+                                if ttft.is_none() {
+                                    ttft = Some(started.elapsed().as_millis() as i64);
+                                }
+                                content.push_str(&text);
+                                if sse.send(event("delta", &Payload::Delta { text })).await.is_err() {
+                                    cancelled = true;
+                                    break;
+                                }
+                            }
+                            None => break,
+                        },
+                        _ = sse.closed() => {
+                            cancelled = true;
+                            break;
+                        }
+                    }
+                }
+                // Dropping the receiver tells the adapter to drop the upstream request.
+                drop(rx);
+                match upstream.await {
+                    Ok(r) => r,
+                    Err(e) => Err(llm::LlmError {
+                        kind: llm::ErrorKind::Upstream,
+                        status: None,
+                        detail: e.to_string(),
+                        retry_after: None,
+                    }),
+                }
+            }
+        };
+        let total_ms = started.elapsed().as_millis() as i64;
+        let (status, end) = match &result {
+            Ok(end) if !cancelled => (
+                "complete",
+                AnswerEnd {
+                    status: "complete".into(),
+                    content: content.clone(),
+                    input_tokens: end.input_tokens.map(|t| t as i64),
+                    output_tokens: end.output_tokens.map(|t| t as i64),
+                    ttft_ms: ttft,
+                    total_ms,
+                    ..Default::default()
+                },
+            ),
+            _ if cancelled => (
+                "stopped",
+                AnswerEnd {
+                    status: "stopped".into(),
+                    content: content.clone(),
+                    ttft_ms: ttft,
+                    total_ms,
+                    ..Default::default()
+                },
+            ),
+            Err(e) => (
+                "failed",
+                AnswerEnd {
+                    status: "failed".into(),
+                    content: content.clone(),
+                    error_code: Some(e.code().to_string()),
+                    error_detail: Some(e.to_string()),
+                    ttft_ms: ttft,
+                    total_ms,
+                    ..Default::default()
+                },
+            ),
+            Ok(_) => ("complete", AnswerEnd::default()),
+        };
+        if let Err(e) = self
+            .state
+            .store
+            .finish_answer(
+                &self.tenant_id,
+                &self.answer_id,
+                &end,
+                &self.user_id,
+                self.state.now(),
+            )
+            .await
+        {
+            tracing::error!(error = %e, "could not store the end of an answer");
+        }
+        if cancelled {
+            return;
+        }
+        match result {
+            Ok(_) => {
+                let usage = Payload::Usage {
+                    input_chars: self.input_chars,
+                    output_chars: content.chars().count() as i64,
+                    input_tokens: end.input_tokens,
+                    output_tokens: end.output_tokens,
+                    ttft_ms: ttft,
+                    total_ms,
+                };
+                let _ = sse.send(event("usage", &usage)).await;
+                let _ = sse
+                    .send(event(
+                        "done",
+                        &Payload::Done {
+                            message_id: self.answer_id,
+                            status,
+                        },
+                    ))
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(code = e.code(), "answer failed");
+                let p = Payload::Error {
+                    code: e.code().to_string(),
+                    message: e.message_ja(),
+                    retryable: e.retryable(),
+                };
+                let _ = sse.send(event("error", &p)).await;
+                let _ = sse
+                    .send(event(
+                        "done",
+                        &Payload::Done {
+                            message_id: self.answer_id,
+                            status,
+                        },
+                    ))
+                    .await;
+            }
+        }
+    }
+}
