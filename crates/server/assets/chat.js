@@ -116,6 +116,12 @@
       }
       if (state.error) showError(state.error);
       if (state.messageId) await replaceWithRendered(art, state.messageId);
+      // The server names a new conversation after its first question.
+      var title = document.getElementById('conv-title');
+      if (asked && title && title.textContent === '新しい会話') {
+        var line = asked.trim().split('\n')[0];
+        title.textContent = line.length > 40 ? line.slice(0, 40) + '…' : line;
+      }
     } catch (e) {
       if (e.name === 'AbortError') {
         art.classList.remove('msg-streaming');

@@ -113,6 +113,7 @@ struct ChatPage {
     models: Vec<ModelChoice>,
     selected_model: String,
     max_chars: u32,
+    max_chars_label: String,
     can_regenerate: bool,
 }
 
@@ -197,6 +198,7 @@ async fn page(
         models,
         selected_model,
         max_chars: a.ctx.tenant.settings.chat.max_message_chars,
+        max_chars_label: fmt_num(i64::from(a.ctx.tenant.settings.chat.max_message_chars)),
         can_regenerate,
     })
 }

@@ -287,6 +287,24 @@ struct Shown {
     mf: ModelForm,
 }
 
+impl Shown {
+    /// Empty forms with the usual choices ticked.
+    fn fresh() -> Shown {
+        Shown {
+            pf: ProviderForm {
+                enabled: Some("1".into()),
+                no_training: Some("1".into()),
+                ..Default::default()
+            },
+            mf: ModelForm {
+                enabled: Some("1".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
 async fn models_page(
     state: &Shared,
     a: &crate::app::Authed,
@@ -374,16 +392,6 @@ async fn page(
         "model" => "モデルを保存しました。",
         _ => "",
     };
-    let pf = ProviderForm {
-        enabled: Some("1".into()),
-        no_training: Some("1".into()),
-        region: "日本（東日本）".into(),
-        ..Default::default()
-    };
-    let mf = ModelForm {
-        enabled: Some("1".into()),
-        ..Default::default()
-    };
     models_page(
         &state,
         &a,
@@ -391,9 +399,7 @@ async fn page(
         Shown {
             notice: notice.into(),
             test_ok: true,
-            errors: Vec::new(),
-            pf,
-            mf,
+            ..Shown::fresh()
         },
     )
     .await
@@ -507,9 +513,7 @@ async fn provider_test(
         Shown {
             notice: message,
             test_ok: ok,
-            errors: Vec::new(),
-            pf: ProviderForm::default(),
-            mf: ModelForm::default(),
+            ..Shown::fresh()
         },
     )
     .await
