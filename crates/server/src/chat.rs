@@ -180,10 +180,13 @@ async fn pick_model(state: &Shared, a: &Authed, model_id: &str) -> AppResult<(Mo
 }
 
 /// Starts the answer in the background and returns the events for the browser.
+/// The write that records the question (or the regeneration) and yields the answer's id.
+type Record = tokio::task::JoinHandle<Result<String, storage::StorageError>>;
+
 fn start(
     state: &Shared,
     a: &Authed,
-    answer_id: String,
+    record: Record,
     input_chars: i64,
     provider: &Provider,
     req: llm::ChatRequest,
@@ -193,7 +196,7 @@ fn start(
         state: state.clone(),
         tenant_id: a.ctx.tenant.id.clone(),
         user_id: a.auth.user.id.clone(),
-        answer_id,
+        record,
         input_chars,
         client: client_for(state, provider),
         req,
@@ -250,19 +253,29 @@ pub async fn send(
         provider_name: provider.name.clone(),
         now: a.ctx.now,
     };
-    let (_, answer_id) = state.store.begin_turn(&turn, a.audit()).await?;
-    if history.is_empty() && conv.title == "新しい会話" {
-        let _ = state
-            .store
-            .rename_conversation(
-                &a.ctx.tenant.id,
-                &a.auth.user.id,
-                &conv.id,
-                &title_from(&content),
-            )
-            .await;
-    }
-    Ok(start(state, a, answer_id, input_chars, &provider, req))
+    // The question is recorded while the upstream request is already on its way, so the
+    // database's write queue does not delay the first token; the answer is reported done
+    // only after the record exists.
+    let store = state.store.clone();
+    let audit = a.audit();
+    let rename = (history.is_empty() && conv.title == "新しい会話").then(|| {
+        (
+            a.ctx.tenant.id.clone(),
+            a.auth.user.id.clone(),
+            conv.id.clone(),
+            title_from(&content),
+        )
+    });
+    let record = tokio::spawn(async move {
+        let (_, answer_id) = store.begin_turn(&turn, audit).await?;
+        if let Some((tenant, user, conv, title)) = rename {
+            store
+                .rename_conversation(&tenant, &user, &conv, &title)
+                .await?;
+        }
+        Ok(answer_id)
+    });
+    Ok(start(state, a, record, input_chars, &provider, req))
 }
 
 /// Answers the last question again (with this model); the earlier answers stay on record.
@@ -310,15 +323,17 @@ pub async fn regenerate(
         provider_name: provider.name.clone(),
         now: a.ctx.now,
     };
-    let answer_id = state.store.begin_answer(&turn, a.audit()).await?;
-    Ok(start(state, a, answer_id, input_chars, &provider, req))
+    let store = state.store.clone();
+    let audit = a.audit();
+    let record = tokio::spawn(async move { store.begin_answer(&turn, audit).await });
+    Ok(start(state, a, record, input_chars, &provider, req))
 }
 
 struct Answer {
     state: Shared,
     tenant_id: String,
     user_id: String,
-    answer_id: String,
+    record: Record,
     input_chars: i64,
     client: Result<llm::Client, llm::LlmError>,
     req: llm::ChatRequest,
@@ -409,12 +424,27 @@ impl Answer {
             ),
             Ok(_) => ("complete", AnswerEnd::default()),
         };
+        let answer_id = match self.record.await {
+            Ok(Ok(id)) => id,
+            other => {
+                tracing::error!(outcome = ?other.map(|r| r.map(|_| ())), "could not record a chat turn");
+                if !cancelled {
+                    let p = Payload::Error {
+                        code: "record_failed".into(),
+                        message: "回答を記録できなかったため、この回答は保存されていません。時間をおいて再度お試しください。".into(),
+                        retryable: true,
+                    };
+                    let _ = sse.send(event("error", &p)).await;
+                }
+                return;
+            }
+        };
         if let Err(e) = self
             .state
             .store
             .finish_answer(
                 &self.tenant_id,
-                &self.answer_id,
+                &answer_id,
                 &end,
                 &self.user_id,
                 self.state.now(),
@@ -441,7 +471,7 @@ impl Answer {
                     .send(event(
                         "done",
                         &Payload::Done {
-                            message_id: self.answer_id,
+                            message_id: answer_id.clone(),
                             status,
                         },
                     ))
@@ -459,7 +489,7 @@ impl Answer {
                     .send(event(
                         "done",
                         &Payload::Done {
-                            message_id: self.answer_id,
+                            message_id: answer_id.clone(),
                             status,
                         },
                     ))

@@ -275,6 +275,8 @@ struct ModelsPage {
     errors: Vec<FieldError>,
     pf: ProviderForm,
     mf: ModelForm,
+    /// (time in JST, where, code, the provider's error) of recent failures (S9).
+    failures: Vec<(String, String, String, String)>,
 }
 
 /// What the page shows besides the lists: a notice, errors, and the forms as typed.
@@ -372,6 +374,25 @@ async fn models_page(
             errors,
             pf,
             mf,
+            failures: state
+                .store
+                .list_failures(tenant, 20)
+                .await?
+                .into_iter()
+                .map(|(at, source, code, detail)| {
+                    let source = if source == "chat" {
+                        "チャット".to_string()
+                    } else {
+                        source
+                    };
+                    (
+                        domain::time::format_jst_compact(at),
+                        source,
+                        code,
+                        detail.chars().take(300).collect(),
+                    )
+                })
+                .collect(),
         },
     )
 }

@@ -157,7 +157,7 @@ const COLUMNS: &str = "tenant_id, seq, at, actor_id, actor_login, ip, user_agent
 impl Store {
     /// Records an event that changes nothing else (a failed sign-in, an export).
     pub async fn append_audit(&self, ev: &AuditEvent) -> Result<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let seq = append(&mut tx, ev).await?;
         tx.commit().await?;
         Ok(seq)

@@ -240,7 +240,7 @@ impl Store {
         now: i64,
         audit: AuditEvent,
     ) -> Result<Provider> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let id = match id {
             None => {
                 let id = domain::ids::new_id();
@@ -376,7 +376,7 @@ impl Store {
         audit: AuditEvent,
     ) -> Result<Model> {
         let provider = self.provider(tenant_id, &m.provider_id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let id = match id {
             None => {
                 let id = domain::ids::new_id();
@@ -548,7 +548,7 @@ impl Store {
         id: &str,
         audit: AuditEvent,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("DELETE FROM messages WHERE tenant_id = $1 AND conversation_id = $2 AND EXISTS (SELECT 1 FROM conversations c WHERE c.id = $2 AND c.user_id = $3)")
             .bind(tenant_id)
             .bind(id)
@@ -604,7 +604,7 @@ impl Store {
     /// Stores the user's message and an empty `streaming` answer after it, in one
     /// transaction. Returns (user message id, answer id).
     pub async fn begin_turn(&self, t: &NewTurn, audit: AuditEvent) -> Result<(String, String)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let r = sqlx::query(
             "SELECT COALESCE(MAX(seq), 0) AS s FROM messages WHERE conversation_id = $1",
         )
@@ -675,7 +675,7 @@ impl Store {
 
     /// Stores an empty `streaming` answer to the last question (regeneration).
     pub async fn begin_answer(&self, t: &NewTurn, audit: AuditEvent) -> Result<String> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let r = sqlx::query(
             "SELECT COALESCE(MAX(seq), 0) AS s FROM messages WHERE conversation_id = $1",
         )
@@ -722,7 +722,7 @@ impl Store {
         user_id: &str,
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "UPDATE messages SET content = $1, status = $2, error_code = $3, error_detail = $4, output_chars = $5, input_tokens = $6, \
              output_tokens = $7, ttft_ms = $8, total_ms = $9 WHERE tenant_id = $10 AND id = $11",

@@ -148,7 +148,7 @@ impl Store {
             None => name.to_string(),
         };
         let id = domain::ids::new_id();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("INSERT INTO departments (id, tenant_id, parent_id, name, path, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&id)
             .bind(tenant_id)
@@ -177,7 +177,7 @@ impl Store {
         now: i64,
         audit: AuditEvent,
     ) -> Result<Department> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let id = ensure_path(&mut tx, tenant_id, path, now, &audit).await?;
         tx.commit().await?;
         self.department_by_id(tenant_id, &id).await
@@ -199,7 +199,7 @@ impl Store {
         if new_path == d.path {
             return Ok(d);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE departments SET name = $1, path = $2 WHERE tenant_id = $3 AND id = $4")
             .bind(new_name)
             .bind(&new_path)
@@ -250,7 +250,7 @@ impl Store {
                 d.path, d.user_count
             )));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let children = sqlx::query(
             "SELECT COUNT(*) AS n FROM departments WHERE tenant_id = $1 AND parent_id = $2",
         )

@@ -97,7 +97,7 @@ impl Store {
         if password_hashes.len() != plan.users.len() {
             return Err(StorageError::Conflict("internal: hash count".into()));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut dept_ids = std::collections::HashMap::new();
         for path in &plan.departments_to_create {
             let id = ensure_path(&mut tx, tenant_id, path, now, &audit).await?;

@@ -68,7 +68,7 @@ impl Store {
         reason: &str,
         audit: AuditEvent,
     ) -> Result<Option<i64>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("INSERT INTO login_attempts (id, tenant_id, user_id, login_id, at, success, ip) VALUES ($1, $2, $3, $4, $5, 0, $6)")
             .bind(domain::ids::new_id())
             .bind(a.tenant_id)
@@ -140,7 +140,7 @@ impl Store {
         user_agent: &str,
         audit: AuditEvent,
     ) -> Result<Session> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let since = user.last_login_at.unwrap_or(i64::MIN);
         let r = sqlx::query("SELECT COUNT(*) AS n FROM login_attempts WHERE tenant_id = $1 AND user_id = $2 AND success = 0 AND at > $3")
             .bind(a.tenant_id)
@@ -232,7 +232,7 @@ impl Store {
 
     /// Ends one session; `audit` records why (sign-out, time-out).
     pub async fn end_session(&self, session_id: &str, audit: Option<AuditEvent>) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let n = sqlx::query("DELETE FROM sessions WHERE id = $1")
             .bind(session_id)
             .execute(&mut *tx)
@@ -279,7 +279,7 @@ impl Store {
         now: i64,
         audit: AuditEvent,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let n = sqlx::query("UPDATE users SET locked_until = $1 WHERE tenant_id = $2 AND id = $3 AND locked_until > $1")
             .bind(now)
             .bind(tenant_id)

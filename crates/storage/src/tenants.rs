@@ -54,7 +54,7 @@ impl Store {
         };
         let settings =
             serde_json::to_string(&t.settings).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("INSERT INTO tenants (id, slug, name, host, settings, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&t.id)
             .bind(&t.slug)
@@ -120,7 +120,7 @@ impl Store {
         let old = self.tenant_by_id(tenant_id).await?;
         let json =
             serde_json::to_string(settings).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE tenants SET settings = $1 WHERE id = $2")
             .bind(&json)
             .bind(tenant_id)

@@ -188,7 +188,7 @@ impl Store {
         let dept = self
             .department_by_id(&u.tenant_id, &u.department_id)
             .await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let id = insert_user(&mut tx, u).await?;
         let ev = audit.with(
             "user.create",
@@ -317,7 +317,7 @@ impl Store {
         audit: AuditEvent,
     ) -> Result<User> {
         let before = self.user_by_id(tenant_id, id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if before.role == Role::TenantAdmin
             && up.role.is_some_and(|r| r != Role::TenantAdmin)
             && before.status == UserStatus::Active
@@ -398,7 +398,7 @@ impl Store {
         if before.status == status {
             return Ok(before);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if status == UserStatus::Disabled
             && before.role == Role::TenantAdmin
             && active_admins_other_than(&mut tx, tenant_id, id).await? == 0
@@ -436,7 +436,7 @@ impl Store {
     /// Deletes an account and its sessions and sign-in history.
     pub async fn delete_user(&self, tenant_id: &str, id: &str, audit: AuditEvent) -> Result<()> {
         let before = self.user_by_id(tenant_id, id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if before.role == Role::TenantAdmin
             && before.status == UserStatus::Active
             && active_admins_other_than(&mut tx, tenant_id, id).await? == 0
@@ -484,7 +484,7 @@ impl Store {
         audit: AuditEvent,
     ) -> Result<()> {
         let before = self.user_by_id(tenant_id, id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "UPDATE users SET password_hash = $1, password_temporary = $2, password_expires_at = $3, password_changed_at = $4, \
              locked_until = NULL, updated_at = $4 WHERE tenant_id = $5 AND id = $6",

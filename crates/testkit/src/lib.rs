@@ -3,6 +3,9 @@
 //! and the CSRF token like a browser would. Fixtures are synthetic (policy S19).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+/// Fake LLM providers (real HTTP servers on 127.0.0.1 speaking each provider's format).
+pub use fakes;
+
 use domain::{ManualClock, Role};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
