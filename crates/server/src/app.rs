@@ -32,6 +32,8 @@ pub struct AppState {
     pub hash_slots: Arc<Semaphore>,
     /// Verified against when the account does not exist, so timing does not reveal it.
     pub dummy_hash: String,
+    /// One LLM client per provider, with the provider's `updated_at` it was built from.
+    pub llm_clients: std::sync::Mutex<std::collections::HashMap<String, (i64, llm::Client)>>,
 }
 
 pub type Shared = Arc<AppState>;

@@ -49,8 +49,8 @@ pub struct ModelChoice {
 pub async fn usable_models(state: &Shared, a: &Authed) -> AppResult<Vec<(Model, ModelChoice)>> {
     let tenant = &a.ctx.tenant.id;
     let models = state.store.list_models(tenant).await?;
-    let depts = state.store.list_departments(tenant).await?;
-    let path_of = |id: &str| depts.iter().find(|d| d.id == id).map(|d| d.path.clone());
+    let depts = state.store.department_paths(tenant).await?;
+    let path_of = |id: &str| depts.get(id).cloned();
     Ok(models
         .into_iter()
         .filter(|m| m.enabled && m.provider_enabled)
@@ -72,6 +72,15 @@ pub async fn usable_models(state: &Shared, a: &Authed) -> AppResult<Vec<(Model, 
 
 /// The client for a provider, with the deployment's egress proxy unless it has its own.
 pub fn client_for(state: &Shared, p: &Provider) -> Result<llm::Client, llm::LlmError> {
+    // A client holds a connection pool and its TLS roots; building one per message costs
+    // milliseconds of CPU, so one is kept per provider until its settings change.
+    if let Ok(cache) = state.llm_clients.lock() {
+        if let Some((stamp, client)) = cache.get(&p.id) {
+            if *stamp == p.updated_at {
+                return Ok(client.clone());
+            }
+        }
+    }
     let kind = llm::ProviderKind::parse(&p.kind).unwrap_or(llm::ProviderKind::OpenAi);
     let mut cfg = llm::ProviderConfig::new(kind, p.base_url.clone(), p.api_key.clone());
     cfg.api_version = p.api_version.clone();
@@ -79,7 +88,11 @@ pub fn client_for(state: &Shared, p: &Provider) -> Result<llm::Client, llm::LlmE
         .proxy
         .clone()
         .or_else(|| state.config.llm.egress_proxy.clone());
-    llm::Client::new(cfg)
+    let client = llm::Client::new(cfg)?;
+    if let Ok(mut cache) = state.llm_clients.lock() {
+        cache.insert(p.id.clone(), (p.updated_at, client.clone()));
+    }
+    Ok(client)
 }
 
 pub fn title_from(content: &str) -> String {

@@ -100,6 +100,7 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         default_tenant_id,
         hash_slots: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
         dummy_hash,
+        llm_clients: Default::default(),
     }))
 }
 

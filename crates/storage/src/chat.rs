@@ -301,23 +301,21 @@ impl Store {
 
     // ------------------------------------------------------------ models
 
+    /// model id → department ids, for every restricted model of a tenant, in one query.
     async fn model_departments(
         &self,
-        model_ids: &[String],
+        tenant_id: &str,
     ) -> Result<std::collections::HashMap<String, Vec<String>>> {
+        let rows = sqlx::query("SELECT model_id, department_id FROM llm_model_departments WHERE tenant_id = $1 ORDER BY department_id")
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await?;
         let mut map: std::collections::HashMap<String, Vec<String>> =
             std::collections::HashMap::new();
-        for id in model_ids {
-            let rows =
-                sqlx::query("SELECT department_id FROM llm_model_departments WHERE model_id = $1")
-                    .bind(id)
-                    .fetch_all(&self.pool)
-                    .await?;
-            let list = rows
-                .iter()
-                .map(|r| get_str(r, "department_id"))
-                .collect::<Result<Vec<_>>>()?;
-            map.insert(id.clone(), list);
+        for r in &rows {
+            map.entry(get_str(r, "model_id")?)
+                .or_default()
+                .push(get_str(r, "department_id")?);
         }
         Ok(map)
     }
@@ -350,8 +348,7 @@ impl Store {
             .iter()
             .map(Self::model_from)
             .collect::<Result<Vec<_>>>()?;
-        let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
-        let mut depts = self.model_departments(&ids).await?;
+        let mut depts = self.model_departments(tenant_id).await?;
         for m in &mut models {
             m.department_ids = depts.remove(&m.id).unwrap_or_default();
         }

@@ -105,6 +105,20 @@ impl Store {
         Ok(list)
     }
 
+    /// id → path of every department of a tenant (no member counts: cheap).
+    pub async fn department_paths(
+        &self,
+        tenant_id: &str,
+    ) -> Result<std::collections::HashMap<String, String>> {
+        let rows = sqlx::query("SELECT id, path FROM departments WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((get_str(r, "id")?, get_str(r, "path")?)))
+            .collect()
+    }
+
     pub async fn department_by_id(&self, tenant_id: &str, id: &str) -> Result<Department> {
         let row = sqlx::query(&format!("{SELECT} WHERE d.tenant_id = $1 AND d.id = $2"))
             .bind(tenant_id)
