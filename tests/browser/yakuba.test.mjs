@@ -346,11 +346,20 @@ test('chat: an admin adds a model, staff stream an answer, stop one and regenera
   await page.waitForFunction(() => (document.querySelector('.msg-streaming')?.textContent || '').includes('文3。'));
   await page.click('#stop');
   await page.locator('.msg-status', { hasText: '途中で停止しました' }).waitFor();
+  // Edit the last question and send it again.
+  await page.locator('.msg-user').last().locator('button.edit').click();
+  assert.equal(await page.inputValue('#prompt'), 'できるだけ長く書いてください');
+  assert.equal(await page.locator('#editing').isVisible(), true);
+  await page.fill('#prompt', '短くまとめてください');
+  await page.click('#send');
+  await page.waitForFunction(() => document.querySelectorAll('.msg-assistant .md strong').length >= 3);
+  assert.equal(await page.locator('#editing').isVisible(), false);
   await shot(page, '11-chat', false);
   // After a reload the stored answer says it was stopped; the upstream was closed.
   await new Promise((r) => setTimeout(r, 1500));
   await page.reload();
   assert.match(await page.locator('.msg-stopped').innerText(), /途中で停止しました/);
+  assert.equal(await page.locator('.msg-user').count(), 3);
   assert.equal(fakeOpen, 0);
   assert.equal(await page.locator('#conversations li').count(), 1);
   assert.match(await page.locator('#conversations').innerText(), /来年度の予算要求/);

@@ -17,6 +17,13 @@
   var errorBox = document.getElementById('composer-error');
   var messages = document.getElementById('messages');
   var controller = null;
+  var editing = document.getElementById('editing');
+  var editLast = false;
+
+  function setEditing(on) {
+    editLast = on;
+    editing.hidden = !on;
+  }
 
   function showError(text) {
     errorBox.textContent = text;
@@ -30,6 +37,14 @@
     body.className = 'msg-body msg-text';
     body.textContent = text;
     art.appendChild(body);
+    if (role === 'user') {
+      var edit = document.createElement('button');
+      edit.type = 'button';
+      edit.className = 'btn btn-small btn-quiet edit';
+      edit.setAttribute('data-text', text);
+      edit.textContent = '編集して再送信';
+      art.appendChild(edit);
+    }
     var empty = messages.querySelector('.empty-chat');
     if (empty) empty.remove();
     messages.appendChild(art);
@@ -142,7 +157,9 @@
   function send() {
     var text = prompt.value;
     if (!text.trim()) { showError('メッセージを入力してください。'); prompt.focus(); return; }
-    run('/api/v1/conversations/' + conversation + '/messages', { content: text, model_id: model.value }, text);
+    var payload = { content: text, model_id: model.value, edit_last: editLast };
+    setEditing(false);
+    run('/api/v1/conversations/' + conversation + '/messages', payload, text);
   }
 
   function regenerate() {
@@ -155,6 +172,24 @@
   });
   stopBtn.addEventListener('click', function () { if (controller) controller.abort(); });
   regenBtn.addEventListener('click', function () { if (!controller) regenerate(); });
+  document.getElementById('cancel-edit').addEventListener('click', function () { setEditing(false); prompt.value = ''; prompt.focus(); });
+  // Only the last question can be edited and sent again.
+  function markEditable() {
+    var users = messages.querySelectorAll('.msg-user');
+    users.forEach(function (u, i) {
+      var b = u.querySelector('button.edit');
+      if (b) b.hidden = i !== users.length - 1;
+    });
+  }
+  markEditable();
+  new MutationObserver(markEditable).observe(messages, { childList: true });
+  document.addEventListener('click', function (e) {
+    var b = e.target.closest && e.target.closest('button.edit');
+    if (!b || controller) return;
+    prompt.value = b.getAttribute('data-text') || '';
+    setEditing(true);
+    prompt.focus();
+  });
   document.addEventListener('click', function (e) {
     var b = e.target.closest && e.target.closest('button.copy');
     if (!b || !navigator.clipboard) return;

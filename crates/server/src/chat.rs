@@ -114,6 +114,10 @@ pub struct SendInput {
     pub content: String,
     #[serde(default)]
     pub model_id: String,
+    /// The message is an edited version of the last question: the model sees the
+    /// conversation without that earlier turn (which stays on record).
+    #[serde(default)]
+    pub edit_last: bool,
 }
 
 /// What the browser receives, one JSON object per event.
@@ -239,7 +243,11 @@ pub async fn send(
     }
     let (model, provider) = pick_model(state, a, &input.model_id).await?;
     let history = state.store.messages(&a.ctx.tenant.id, &conv.id).await?;
-    let mut messages = history_pairs(&history);
+    let before = match history.iter().rposition(|m| m.role == "user") {
+        Some(i) if input.edit_last => &history[..i],
+        _ => &history[..],
+    };
+    let mut messages = history_pairs(before);
     messages.push(llm::ChatMessage {
         role: llm::Role::User,
         content: content.clone(),

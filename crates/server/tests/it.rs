@@ -1582,13 +1582,44 @@ async fn chat_streams_answers_from_openai_compatible_and_anthropic() {
         "history: question, answer, new question: {body}"
     );
 
+    // Editing the last question: the model sees the conversation without the earlier turn.
+    let events = sse_events(
+        staff
+            .http
+            .post(staff.url(&format!("/api/v1/conversations/{conv}/messages")))
+            .header("x-csrf-token", staff.csrf())
+            .json(&json!({"content": "もっと短く、箇条書きで", "model_id": m2, "edit_last": true}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(events
+        .iter()
+        .any(|(n, d)| n == "done" && d["status"] == "complete"));
+    let body = &anthropic.requests()[1].body;
+    assert_eq!(
+        body["messages"].as_array().unwrap().len(),
+        3,
+        "the edited question replaces the last one: {body}"
+    );
+    assert!(!body.to_string().contains("もっと短く\""), "{body}");
+    let (_, got) = staff
+        .get_json(&format!("/api/v1/conversations/{conv}"))
+        .await;
+    assert_eq!(
+        got["messages"].as_array().unwrap().len(),
+        6,
+        "earlier turn stays on record"
+    );
+
     // Stored with timings and character counts; the title came from the first question.
     let (_, got) = staff
         .get_json(&format!("/api/v1/conversations/{conv}"))
         .await;
     assert_eq!(got["conversation"]["title"], "会議録を要約してください");
     let msgs = got["messages"].as_array().unwrap();
-    assert_eq!(msgs.len(), 4);
+    assert_eq!(msgs.len(), 6);
     assert_eq!(msgs[1]["status"], "complete");
     assert_eq!(msgs[1]["output_chars"], text.chars().count());
     assert!(msgs[1]["ttft_ms"].is_number() && msgs[1]["total_ms"].is_number());
