@@ -33,6 +33,7 @@ let fake;
 let fakeUrl;
 let fakeOpen = 0;
 const asked = new Map();
+let lastBody = '';
 
 // A fake OpenAI-compatible provider: a real HTTP server speaking the Chat Completions
 // streaming format. A question containing 「長く」 gets an endless slow answer (to stop).
@@ -43,6 +44,7 @@ function startFake() {
       req.on('data', (c) => { body += c; });
       req.on('end', () => {
         const q = JSON.parse(body || '{}');
+        lastBody = body;
         const last = (q.messages || []).slice(-1)[0]?.content || '';
         res.writeHead(200, { 'content-type': 'text/event-stream' });
         const chunk = (text) => `data: ${JSON.stringify({ choices: [{ index: 0, delta: { content: text }, finish_reason: null }] })}\n\n`;
@@ -335,10 +337,18 @@ test('chat: an admin adds a model, staff stream an answer, stop one and regenera
   assert.match(await page.locator('.msg-assistant').last().innerText(), /項目は重要です/);
   assert.equal(await page.locator('.msg-assistant h2', { hasText: '回答' }).count(), 1);
 
+  // A PDF attached to a question reaches the model as text.
+  await page.setInputFiles('#attach', join(root, 'crates/documents/tests/fixtures/kitei.pdf'));
+  await page.fill('#prompt', '添付した規程の保存期間は？');
+  await page.click('#send');
+  await page.waitForFunction(() => document.querySelectorAll('.msg-assistant .md strong').length >= 2);
+  assert.match(lastBody, /令和8年4月1日から起算して5年/);
+  assert.equal(await page.inputValue('#attach'), '');
+
   // Regenerate: a new answer to the same question.
   await page.click('#regenerate');
   await page.waitForFunction(() => /（再生成）/.test(document.querySelector('#messages').textContent));
-  assert.equal(await page.locator('.msg-assistant').count(), 2);
+  assert.equal(await page.locator('.msg-assistant').count(), 3);
 
   // Stop: the answer stops growing and is kept as stopped.
   await page.fill('#prompt', 'できるだけ長く書いてください');
@@ -352,14 +362,15 @@ test('chat: an admin adds a model, staff stream an answer, stop one and regenera
   assert.equal(await page.locator('#editing').isVisible(), true);
   await page.fill('#prompt', '短くまとめてください');
   await page.click('#send');
-  await page.waitForFunction(() => document.querySelectorAll('.msg-assistant .md strong').length >= 3);
+  await page.waitForFunction(() => document.querySelectorAll('.msg-assistant .md strong').length >= 4);
   assert.equal(await page.locator('#editing').isVisible(), false);
   await shot(page, '11-chat', false);
   // After a reload the stored answer says it was stopped; the upstream was closed.
   await new Promise((r) => setTimeout(r, 1500));
   await page.reload();
   assert.match(await page.locator('.msg-stopped').innerText(), /途中で停止しました/);
-  assert.equal(await page.locator('.msg-user').count(), 3);
+  assert.equal(await page.locator('.msg-user').count(), 4);
+  assert.match(await page.locator('.attachment').innerText(), /kitei\.pdf/);
   assert.equal(fakeOpen, 0);
   assert.equal(await page.locator('#conversations li').count(), 1);
   assert.match(await page.locator('#conversations').innerText(), /来年度の予算要求/);

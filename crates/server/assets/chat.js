@@ -18,6 +18,22 @@
   var messages = document.getElementById('messages');
   var controller = null;
   var editing = document.getElementById('editing');
+  var attach = document.getElementById('attach');
+
+  // The chosen file as {name, data_base64}, or null.
+  function readAttachment() {
+    var f = attach && attach.files && attach.files[0];
+    if (!f) return Promise.resolve(null);
+    return new Promise(function (resolve, reject) {
+      var r = new FileReader();
+      r.onload = function () {
+        var s = String(r.result);
+        resolve({ name: f.name, data_base64: s.slice(s.indexOf(',') + 1) });
+      };
+      r.onerror = function () { reject(r.error); };
+      r.readAsDataURL(f);
+    });
+  }
   var editLast = false;
 
   function setEditing(on) {
@@ -154,12 +170,15 @@
     }
   }
 
-  function send() {
+  async function send() {
     var text = prompt.value;
     if (!text.trim()) { showError('メッセージを入力してください。'); prompt.focus(); return; }
-    var payload = { content: text, model_id: model.value, edit_last: editLast };
+    var attachment = null;
+    try { attachment = await readAttachment(); } catch (e) { showError('添付ファイルを読み込めませんでした。'); return; }
+    var payload = { content: text, model_id: model.value, edit_last: editLast, attachment: attachment };
     setEditing(false);
-    run('/api/v1/conversations/' + conversation + '/messages', payload, text);
+    await run('/api/v1/conversations/' + conversation + '/messages', payload, text);
+    if (attach && !errorBox.textContent) attach.value = '';
   }
 
   function regenerate() {

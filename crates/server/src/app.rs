@@ -644,7 +644,8 @@ async fn body_limit(
     req: Request,
     next: Next,
 ) -> Result<Response, AppError> {
-    let limit = if req.uri().path().ends_with("/import") {
+    let limit = if req.uri().path().ends_with("/import") || req.uri().path().ends_with("/messages")
+    {
         state.config.security.max_import_bytes
     } else {
         state.config.security.max_body_bytes
@@ -686,7 +687,7 @@ pub fn router(state: Shared) -> Router {
         .merge(pages::routes())
         .merge(admin::routes(max_import))
         .merge(api::routes(max_import))
-        .merge(chat_web::routes())
+        .merge(chat_web::routes(max_import))
         .merge(models_admin::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))

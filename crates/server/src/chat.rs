@@ -118,6 +118,56 @@ pub struct SendInput {
     /// conversation without that earlier turn (which stays on record).
     #[serde(default)]
     pub edit_last: bool,
+    /// One attached file (plain text or a PDF with a text layer) as context.
+    #[serde(default)]
+    pub attachment: Option<AttachmentInput>,
+}
+
+#[derive(Deserialize)]
+pub struct AttachmentInput {
+    pub name: String,
+    /// The file's bytes, base64.
+    pub data_base64: String,
+}
+
+/// The question as the model receives it: with the attached file's text after it.
+fn with_attachment(content: &str, name: Option<&str>, text: Option<&str>) -> String {
+    match (name, text) {
+        (Some(n), Some(t)) => format!("{content}\n\n---\n添付ファイル「{n}」の内容:\n{t}"),
+        _ => content.to_string(),
+    }
+}
+
+/// Reads an attachment: its name cleaned, its type decided by content, its text extracted
+/// off the async threads, within the tenant's length limit.
+async fn read_attachment(att: &AttachmentInput, max_chars: usize) -> AppResult<(String, String)> {
+    use base64::Engine;
+    let name = domain::validate::required_line("添付ファイル名", &att.name, 200)
+        .map_err(|e| AppError::field("attachment", e))?;
+    let name: String = name
+        .chars()
+        .map(|c| if matches!(c, '/' | '\\') { '_' } else { c })
+        .collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(att.data_base64.as_bytes())
+        .map_err(|_| {
+            AppError::field(
+                "attachment",
+                "添付ファイルを読み取れません。もう一度選んでください。",
+            )
+        })?;
+    let extracted = tokio::task::spawn_blocking(move || documents::extract(&bytes))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(|e| AppError::field("attachment", e.message_ja()))?;
+    let n = extracted.text.chars().count();
+    if n > max_chars {
+        return Err(AppError::field(
+            "attachment",
+            format!("添付ファイルの文字数（{n}文字）が上限（{max_chars}文字）を超えています。必要な部分だけを添付してください。"),
+        ));
+    }
+    Ok((name, extracted.text))
 }
 
 /// What the browser receives, one JSON object per event.
@@ -242,6 +292,10 @@ pub async fn send(
         return Err(AppError::field("content", "メッセージを入力してください。"));
     }
     let (model, provider) = pick_model(state, a, &input.model_id).await?;
+    let attachment = match &input.attachment {
+        Some(att) => Some(read_attachment(att, max).await?),
+        None => None,
+    };
     let history = state.store.messages(&a.ctx.tenant.id, &conv.id).await?;
     let before = match history.iter().rposition(|m| m.role == "user") {
         Some(i) if input.edit_last => &history[..i],
@@ -250,7 +304,11 @@ pub async fn send(
     let mut messages = history_pairs(before);
     messages.push(llm::ChatMessage {
         role: llm::Role::User,
-        content: content.clone(),
+        content: with_attachment(
+            &content,
+            attachment.as_ref().map(|(n, _)| n.as_str()),
+            attachment.as_ref().map(|(_, t)| t.as_str()),
+        ),
     });
     let input_chars = messages
         .iter()
@@ -267,7 +325,8 @@ pub async fn send(
         tenant_id: a.ctx.tenant.id.clone(),
         conversation_id: conv.id.clone(),
         content: content.clone(),
-        attachment_name: None,
+        attachment_name: attachment.as_ref().map(|(n, _)| n.clone()),
+        attachment_text: attachment.map(|(_, t)| t),
         input_chars,
         model_id: model.id.clone(),
         model_name: model.display_name.clone(),
@@ -320,7 +379,11 @@ pub async fn regenerate(
     let mut messages = history_pairs(&history[..last_q]);
     messages.push(llm::ChatMessage {
         role: llm::Role::User,
-        content: history[last_q].content.clone(),
+        content: with_attachment(
+            &history[last_q].content,
+            history[last_q].attachment_name.as_deref(),
+            history[last_q].attachment_text.as_deref(),
+        ),
     });
     let input_chars = messages
         .iter()
@@ -338,6 +401,7 @@ pub async fn regenerate(
         conversation_id: conv.id.clone(),
         content: String::new(),
         attachment_name: None,
+        attachment_text: None,
         input_chars,
         model_id: model.id.clone(),
         model_name: model.display_name.clone(),

@@ -27,6 +27,7 @@ pub struct MessageView {
     pub text: String,
     pub meta: String,
     pub error: String,
+    pub attachment: String,
 }
 
 impl MessageView {
@@ -66,6 +67,7 @@ impl MessageView {
             text: m.content.clone(),
             meta,
             error: m.error_code.as_deref().map(error_text).unwrap_or_default(),
+            attachment: m.attachment_name.clone().unwrap_or_default(),
         }
     }
 }
@@ -401,7 +403,7 @@ async fn api_send(
     chat::send(&state, &a, &id, &b).await
 }
 
-pub fn routes() -> Router<Shared> {
+pub fn routes(max_upload: usize) -> Router<Shared> {
     Router::new()
         .route("/chat", get(chat_home))
         .route("/chat/new", post(chat_new))
@@ -415,7 +417,10 @@ pub fn routes() -> Router<Shared> {
             "/api/v1/conversations/{id}",
             get(api_get).patch(api_rename).delete(api_delete),
         )
-        .route("/api/v1/conversations/{id}/messages", post(api_send))
+        .route(
+            "/api/v1/conversations/{id}/messages",
+            post(api_send).layer(axum::extract::DefaultBodyLimit::max(max_upload)),
+        )
         .route(
             "/api/v1/conversations/{id}/regenerate",
             post(api_regenerate),

@@ -1791,6 +1791,59 @@ async fn failures_are_honest_and_recorded() {
     assert_eq!(c["messages"][3]["status"], "failed");
     assert_eq!(c["messages"][3]["content"], "途中");
 
+    // Attachments: the text layer of a real PDF goes to the model; a zip or a garbled PDF is refused.
+    use base64::Engine;
+    let pdf = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../documents/tests/fixtures/kitei.pdf"
+    ))
+    .unwrap();
+    fake.set_default(fakes::Script::Answer {
+        chunks: vec!["要点です".into()],
+        delay_ms: 0,
+    });
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let r = staff.http.post(staff.url(&format!("/api/v1/conversations/{conv}/messages"))).header("x-csrf-token", staff.csrf())
+        .json(&json!({"content": "この規程の保存期間は？", "model_id": m, "attachment": {"name": "文書管理規程.pdf", "data_base64": b64(&pdf)}})).send().await.unwrap();
+    let events = sse_events(r).await;
+    assert!(
+        events
+            .iter()
+            .any(|(n, d)| n == "done" && d["status"] == "complete"),
+        "{events:?}"
+    );
+    let sent = fake.requests().last().unwrap().body.to_string();
+    assert!(
+        sent.contains("添付ファイル「文書管理規程.pdf」の内容")
+            && sent.contains("令和8年4月1日から起算して5年"),
+        "{sent}"
+    );
+    let (_, c) = staff
+        .get_json(&format!("/api/v1/conversations/{conv}"))
+        .await;
+    let q = c["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .unwrap()
+        .clone();
+    assert_eq!(q["attachment_name"], "文書管理規程.pdf");
+    for (name, bytes, needle) in [
+        ("a.zip", b"PK\x03\x04zip".to_vec(), "PDF"),
+        ("b.pdf", pdf[..pdf.len() / 3].to_vec(), "PDF"),
+    ] {
+        let r = staff.http.post(staff.url(&format!("/api/v1/conversations/{conv}/messages"))).header("x-csrf-token", staff.csrf())
+            .json(&json!({"content": "読んで", "model_id": m, "attachment": {"name": name, "data_base64": b64(&bytes)}})).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{name}");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{v}"
+        );
+    }
+
     // Bad input: empty, too long, control characters, unknown model.
     for (content, model) in [
         ("", m.as_str()),

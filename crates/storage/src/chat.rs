@@ -110,6 +110,9 @@ pub struct Message {
     pub error_code: Option<String>,
     pub error_detail: Option<String>,
     pub attachment_name: Option<String>,
+    /// The attached file's text, as sent to the model (not sent back by list APIs).
+    #[serde(skip_serializing)]
+    pub attachment_text: Option<String>,
     pub input_chars: i64,
     pub output_chars: i64,
     pub input_tokens: Option<i64>,
@@ -139,6 +142,7 @@ pub struct NewTurn {
     pub conversation_id: String,
     pub content: String,
     pub attachment_name: Option<String>,
+    pub attachment_text: Option<String>,
     /// Characters sent to the model for this answer (prompt, history, attachment).
     pub input_chars: i64,
     pub model_id: String,
@@ -190,6 +194,7 @@ fn message_from(r: &AnyRow) -> Result<Message> {
         error_code: get_opt_str(r, "error_code")?,
         error_detail: get_opt_str(r, "error_detail")?,
         attachment_name: get_opt_str(r, "attachment_name")?,
+        attachment_text: get_opt_str(r, "attachment_text")?,
         input_chars: get_i64(r, "input_chars")?,
         output_chars: get_i64(r, "output_chars")?,
         input_tokens: get_opt_i64(r, "input_tokens")?,
@@ -204,7 +209,7 @@ const PROVIDER_COLS: &str = "id, tenant_id, name, kind, base_url, api_key, api_v
 const MODEL_SELECT: &str = "SELECT m.id, m.tenant_id, m.provider_id, p.name AS provider_name, p.enabled AS provider_enabled, m.model, m.display_name, \
     m.enabled, m.is_default, m.all_departments, m.created_at FROM llm_models m JOIN llm_providers p ON p.id = m.provider_id";
 const MESSAGE_COLS: &str = "id, conversation_id, seq, role, content, status, model_id, model_name, provider_name, error_code, error_detail, \
-    attachment_name, input_chars, output_chars, input_tokens, output_tokens, ttft_ms, total_ms, created_at";
+    attachment_name, input_chars, output_chars, input_tokens, output_tokens, ttft_ms, total_ms, created_at, attachment_text";
 
 impl Store {
     // ------------------------------------------------------------ providers
@@ -611,9 +616,9 @@ impl Store {
         let seq = get_i64(&r, "s")?;
         let (uid, aid) = (domain::ids::new_id(), domain::ids::new_id());
         let insert = format!(
-            "INSERT INTO messages (tenant_id, {MESSAGE_COLS}) VALUES ($14, $1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, $10, $11, $12, NULL, NULL, NULL, NULL, $13)"
+            "INSERT INTO messages (tenant_id, {MESSAGE_COLS}) VALUES ($14, $1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, $10, $11, $12, NULL, NULL, NULL, NULL, $13, $15)"
         );
-        for (id, seq, role, content, status, attachment, input, output) in [
+        for (id, seq, role, content, status, attachment, attachment_text, input, output) in [
             (
                 &uid,
                 seq + 1,
@@ -621,6 +626,7 @@ impl Store {
                 t.content.as_str(),
                 "complete",
                 t.attachment_name.clone(),
+                t.attachment_text.clone(),
                 // The question counts its own characters; the answer carries everything
                 // sent for it (history included) and then what came back.
                 t.content.chars().count() as i64,
@@ -632,6 +638,7 @@ impl Store {
                 "assistant",
                 "",
                 "streaming",
+                None,
                 None,
                 t.input_chars,
                 0,
@@ -652,6 +659,7 @@ impl Store {
                 .bind(output)
                 .bind(t.now)
                 .bind(&t.tenant_id)
+                .bind(attachment_text)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -682,7 +690,7 @@ impl Store {
         let seq = get_i64(&r, "s")? + 1;
         let id = domain::ids::new_id();
         sqlx::query(&format!(
-            "INSERT INTO messages (tenant_id, {MESSAGE_COLS}) VALUES ($1, $2, $3, $4, 'assistant', '', 'streaming', $5, $6, $7, NULL, NULL, NULL, $8, 0, NULL, NULL, NULL, NULL, $9)"
+            "INSERT INTO messages (tenant_id, {MESSAGE_COLS}) VALUES ($1, $2, $3, $4, 'assistant', '', 'streaming', $5, $6, $7, NULL, NULL, NULL, $8, 0, NULL, NULL, NULL, NULL, $9, NULL)"
         ))
         .bind(&t.tenant_id)
         .bind(&id)

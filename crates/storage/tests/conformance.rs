@@ -971,6 +971,7 @@ async fn providers_models_conversations_and_answers() {
             conversation_id: c.id.clone(),
             content: "議事録を要約してください".into(),
             attachment_name: None,
+            attachment_text: None,
             input_chars: 12,
             model_id: m1.id.clone(),
             model_name: "GPT-4o".into(),
