@@ -1926,3 +1926,85 @@ async fn models_follow_departments_and_provider_urls_are_checked() {
     );
     s.stop().await;
 }
+
+/// The "done when": two providers, answers from each, one stopped midway, and
+/// everything still there after a restart.
+#[tokio::test]
+async fn conversations_survive_a_restart_with_timings_and_counts() {
+    let mut s = chat_server().await;
+    let a = admin(&s).await;
+    let openai = fakes::FakeProvider::start(fakes::Flavor::OpenAi).await;
+    let anthropic = fakes::FakeProvider::start(fakes::Flavor::Anthropic).await;
+    let m1 = add_model(&a, "庁内vLLM", "openai", &openai.base_url, "llm-jp", vec![]).await;
+    let m2 = add_model(
+        &a,
+        "Claude",
+        "anthropic",
+        &anthropic.base_url,
+        "claude-3-5-sonnet-latest",
+        vec![],
+    )
+    .await;
+    let (mut staff, _) = s
+        .signed_in("restart1", "市民生活部/市民課", Role::User)
+        .await;
+    let (_, models) = staff.get_json("/api/v1/models").await;
+    assert_eq!(models["models"].as_array().unwrap().len(), 2);
+
+    let (_, c1) = staff.post_json("/api/v1/conversations", &json!({})).await;
+    let c1 = c1["id"].as_str().unwrap().to_string();
+    let ev = sse_events(send(&staff, &c1, &m1, "窓口案内の文案を作って").await).await;
+    assert!(ev
+        .iter()
+        .any(|(n, d)| n == "done" && d["status"] == "complete"));
+    let ev = sse_events(send(&staff, &c1, &m2, "敬語を整えて").await).await;
+    assert!(ev
+        .iter()
+        .any(|(n, d)| n == "done" && d["status"] == "complete"));
+
+    let (_, c2) = staff.post_json("/api/v1/conversations", &json!({})).await;
+    let c2 = c2["id"].as_str().unwrap().to_string();
+    anthropic.set_default(fakes::Script::Endless { delay_ms: 10 });
+    let mut r = send(&staff, &c2, &m2, "長文で説明して").await;
+    let mut got = String::new();
+    while got.matches("event: delta").count() < 2 {
+        got.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()));
+    }
+    drop(r);
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, c) = staff.get_json(&format!("/api/v1/conversations/{c2}")).await;
+        if c["messages"][1]["status"] == "stopped" {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(3));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    s.restart().await;
+    staff.base = s.url.clone();
+    let (st, list) = staff.get_json("/api/v1/conversations").await;
+    assert_eq!(st, StatusCode::OK, "the session survives a restart");
+    assert_eq!(list["conversations"].as_array().unwrap().len(), 2);
+    let (_, c) = staff.get_json(&format!("/api/v1/conversations/{c1}")).await;
+    let msgs = c["messages"].as_array().unwrap();
+    let answers: Vec<&Value> = msgs.iter().filter(|m| m["role"] == "assistant").collect();
+    assert_eq!(
+        answers
+            .iter()
+            .map(|m| m["provider_name"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["庁内vLLM", "Claude"]
+    );
+    for m in &answers {
+        assert_eq!(m["status"], "complete");
+        assert!(m["ttft_ms"].as_i64().is_some() && m["total_ms"].as_i64().is_some());
+        assert!(m["input_chars"].as_i64().unwrap() > 0 && m["output_chars"].as_i64().unwrap() > 0);
+    }
+    let (_, c) = staff.get_json(&format!("/api/v1/conversations/{c2}")).await;
+    assert_eq!(c["messages"][1]["status"], "stopped");
+    assert!(!c["messages"][1]["content"].as_str().unwrap().is_empty());
+    openai.stop().await;
+    anthropic.stop().await;
+    s.stop().await;
+}

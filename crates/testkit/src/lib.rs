@@ -61,7 +61,29 @@ impl TestServer {
         f(&mut config);
         let clock = Arc::new(ManualClock::new(START_MS));
         let data_dir = config.data_dir.clone();
-        let state = server::build_state(config, clock.clone()).await.unwrap();
+        let (url, state, tx, task) = Self::launch(config, clock.clone()).await;
+        TestServer {
+            url,
+            pg,
+            state,
+            clock,
+            data_dir,
+            _dir: dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn launch(
+        config: Config,
+        clock: Arc<ManualClock>,
+    ) -> (
+        String,
+        Shared,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let state = server::build_state(config, clock).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -73,16 +95,25 @@ impl TestServer {
             .await
             .unwrap();
         });
-        TestServer {
-            url,
-            pg,
-            state,
-            clock,
-            data_dir,
-            _dir: dir,
-            shutdown: Some(tx),
-            task: Some(task),
+        (url, state, tx, task)
+    }
+
+    /// Stops the server and starts a new one over the same database and data directory,
+    /// as after a process restart (answers still streaming are marked failed on start).
+    pub async fn restart(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
         }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        self.state.store.close().await;
+        let config = (*self.state.config).clone();
+        let (url, state, tx, task) = Self::launch(config, self.clock.clone()).await;
+        self.url = url;
+        self.state = state;
+        self.shutdown = Some(tx);
+        self.task = Some(task);
     }
 
     pub async fn stop(mut self) {
