@@ -23,6 +23,49 @@ use tower_http::request_id::{
 };
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
+/// A small time-limited cache for data read on every request that changes rarely. Entries
+/// are dropped on change by this node and expire after `ttl`, so other nodes of a
+/// scale-out deployment see a change within that time.
+pub struct TtlCache<V> {
+    ttl: std::time::Duration,
+    map: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, V)>>,
+}
+
+impl<V: Clone> TtlCache<V> {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            map: Default::default(),
+        }
+    }
+    pub fn get(&self, key: &str) -> Option<V> {
+        let map = self.map.lock().ok()?;
+        map.get(key)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, v)| v.clone())
+    }
+    pub fn put(&self, key: &str, value: V) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() > 10_000 {
+                map.clear();
+            }
+            map.insert(key.to_string(), (std::time::Instant::now(), value));
+        }
+    }
+    pub fn invalidate(&self, key: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(key);
+        }
+    }
+}
+
+/// A tenant's models, providers and department paths: what every chat message needs.
+pub struct Catalog {
+    pub models: Vec<storage::Model>,
+    pub providers: std::collections::HashMap<String, storage::Provider>,
+    pub department_paths: std::collections::HashMap<String, String>,
+}
+
 pub struct AppState {
     pub store: Store,
     pub clock: Arc<dyn Clock>,
@@ -34,6 +77,8 @@ pub struct AppState {
     pub dummy_hash: String,
     /// One LLM client per provider, with the provider's `updated_at` it was built from.
     pub llm_clients: std::sync::Mutex<std::collections::HashMap<String, (i64, llm::Client)>>,
+    pub tenants: TtlCache<Arc<Tenant>>,
+    pub catalogs: TtlCache<Arc<Catalog>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -41,6 +86,36 @@ pub type Shared = Arc<AppState>;
 impl AppState {
     pub fn now(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// A tenant by id, cached for a few seconds (settings changes drop the entry).
+    pub async fn tenant(&self, id: &str) -> Result<Arc<Tenant>, AppError> {
+        if let Some(t) = self.tenants.get(id) {
+            return Ok(t);
+        }
+        let t = Arc::new(self.store.tenant_by_id(id).await?);
+        self.tenants.put(id, t.clone());
+        Ok(t)
+    }
+
+    /// The tenant's models, providers and department paths, cached for a few seconds.
+    pub async fn catalog(&self, tenant_id: &str) -> Result<Arc<Catalog>, AppError> {
+        if let Some(c) = self.catalogs.get(tenant_id) {
+            return Ok(c);
+        }
+        let c = Arc::new(Catalog {
+            models: self.store.list_models(tenant_id).await?,
+            providers: self
+                .store
+                .list_providers(tenant_id)
+                .await?
+                .into_iter()
+                .map(|p| (p.id.clone(), p))
+                .collect(),
+            department_paths: self.store.department_paths(tenant_id).await?,
+        });
+        self.catalogs.put(tenant_id, c.clone());
+        Ok(c)
     }
 
     pub fn session_cookie(&self) -> &'static str {
@@ -302,7 +377,7 @@ async fn resolve_tenant(state: &AppState, headers: &HeaderMap) -> Result<Tenant,
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(state.store.tenant_by_id(&state.default_tenant_id).await?)
+    Ok((*state.tenant(&state.default_tenant_id).await?).clone())
 }
 
 /// Paths a user with a temporary password may still reach.
@@ -344,7 +419,7 @@ async fn context(
     if let Some(token) = cookie_value(req.headers(), state.session_cookie()) {
         let digest = domain::ids::token_digest(&token);
         if let Some((session, user)) = state.store.session_with_user(&digest).await? {
-            let t = state.store.tenant_by_id(&session.tenant_id).await?;
+            let t = (*state.tenant(&session.tenant_id).await?).clone();
             let policy = t.settings.session_for(user.role);
             let idle = now - session.last_seen_at
                 > i64::from(policy.idle_minutes) * domain::clock::MINUTE_MS;
@@ -472,6 +547,12 @@ async fn context(
         path: path.clone(),
     });
     let res = next.run(req).await;
+    // Any change made through the admin area may touch settings, departments, providers or
+    // models: this node forgets its cached copies of the tenant at once.
+    if unsafe_method && (path.starts_with("/admin") || path.starts_with("/api/v1/admin")) {
+        state.tenants.invalidate(&tenant.id);
+        state.catalogs.invalidate(&tenant.id);
+    }
     // A signed-in user trying to change something they may not is worth a record.
     if unsafe_method && res.status() == StatusCode::FORBIDDEN {
         if let Some(a) = auth.as_deref() {

@@ -47,17 +47,17 @@ pub struct ModelChoice {
 /// The models this caller may use now: enabled, with an enabled provider, open to their
 /// department.
 pub async fn usable_models(state: &Shared, a: &Authed) -> AppResult<Vec<(Model, ModelChoice)>> {
-    let tenant = &a.ctx.tenant.id;
-    let models = state.store.list_models(tenant).await?;
-    let depts = state.store.department_paths(tenant).await?;
-    let path_of = |id: &str| depts.get(id).cloned();
-    Ok(models
-        .into_iter()
+    let catalog = state.catalog(&a.ctx.tenant.id).await?;
+    let path_of = |id: &str| catalog.department_paths.get(id).cloned();
+    Ok(catalog
+        .models
+        .iter()
         .filter(|m| m.enabled && m.provider_enabled)
         .filter(|m| {
             let paths: Vec<String> = m.department_ids.iter().filter_map(|d| path_of(d)).collect();
             policy::can_use_model(a.actor(), m.all_departments, &paths)
         })
+        .cloned()
         .map(|m| {
             let c = ModelChoice {
                 id: m.id.clone(),
@@ -240,16 +240,19 @@ async fn pick_model(state: &Shared, a: &Authed, model_id: &str) -> AppResult<(Mo
         return Err(AppError::field("model_id", "このモデルは使えません。一覧から選び直してください（停止中か、所属部署に許可されていないモデルです）。"));
     };
     let provider = state
-        .store
-        .provider(&a.ctx.tenant.id, &model.provider_id)
-        .await?;
+        .catalog(&a.ctx.tenant.id)
+        .await?
+        .providers
+        .get(&model.provider_id)
+        .cloned()
+        .ok_or(AppError::NotFound)?;
     Ok((model, provider))
 }
 
-/// Starts the answer in the background and returns the events for the browser.
 /// The write that records the question (or the regeneration) and yields the answer's id.
 type Record = tokio::task::JoinHandle<Result<String, storage::StorageError>>;
 
+/// Starts the answer in the background and returns the events for the browser.
 fn start(
     state: &Shared,
     a: &Authed,

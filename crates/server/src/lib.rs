@@ -101,6 +101,8 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         hash_slots: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
         dummy_hash,
         llm_clients: Default::default(),
+        tenants: app::TtlCache::new(std::time::Duration::from_secs(5)),
+        catalogs: app::TtlCache::new(std::time::Duration::from_secs(5)),
     }))
 }
 
