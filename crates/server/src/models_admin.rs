@@ -480,6 +480,251 @@ struct ToggleForm {
     enabled: Option<String>,
 }
 
+#[derive(Template)]
+#[template(path = "admin/model_edit.html")]
+struct EditPage {
+    l: Layout,
+    heading: String,
+    id: String,
+    errors: Vec<FieldError>,
+    provider: Option<ProviderForm>,
+    model: Option<ModelForm>,
+    kinds: Vec<(&'static str, &'static str)>,
+    providers: Vec<(String, String)>,
+    /// (id, path, chosen)
+    departments: Vec<(String, String, bool)>,
+}
+
+fn kinds() -> Vec<(&'static str, &'static str)> {
+    llm::ProviderKind::ALL
+        .iter()
+        .map(|k| (k.as_str(), k.label()))
+        .collect()
+}
+
+async fn edit_page(
+    state: &Shared,
+    a: &crate::app::Authed,
+    status: StatusCode,
+    id: &str,
+    errors: Vec<FieldError>,
+    provider: Option<ProviderForm>,
+    model: Option<ModelForm>,
+) -> AppResult<Response> {
+    let tenant = &a.ctx.tenant.id;
+    let chosen: Vec<String> = model
+        .as_ref()
+        .map(|m| {
+            m.extra
+                .keys()
+                .filter_map(|k| k.strip_prefix("dept_"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let departments = state
+        .store
+        .list_departments(tenant)
+        .await?
+        .into_iter()
+        .map(|d| {
+            let on = chosen.contains(&d.id);
+            (d.id, d.path, on)
+        })
+        .collect();
+    let heading = if provider.is_some() {
+        "接続先の編集"
+    } else {
+        "モデルの編集"
+    };
+    render_status(
+        status,
+        &EditPage {
+            l: Layout::for_user(a, heading, "models"),
+            heading: heading.into(),
+            id: id.to_string(),
+            errors,
+            provider,
+            model,
+            kinds: kinds(),
+            providers: state
+                .store
+                .list_providers(tenant)
+                .await?
+                .into_iter()
+                .map(|p| (p.id, p.name))
+                .collect(),
+            departments,
+        },
+    )
+}
+
+fn on(v: bool) -> Option<String> {
+    v.then(|| "1".to_string())
+}
+
+async fn provider_edit(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
+    if !domain::ids::is_valid_id(&id) {
+        return Err(AppError::NotFound);
+    }
+    let p = state.store.provider(&a.ctx.tenant.id, &id).await?;
+    let form = ProviderForm {
+        name: p.name,
+        kind: p.kind,
+        base_url: p.base_url,
+        api_key: String::new(),
+        api_version: p.api_version.unwrap_or_default(),
+        proxy: p.proxy.unwrap_or_default(),
+        region: p.region,
+        no_training: on(p.no_training),
+        enabled: on(p.enabled),
+    };
+    edit_page(
+        &state,
+        &a,
+        StatusCode::OK,
+        &id,
+        Vec::new(),
+        Some(form),
+        None,
+    )
+    .await
+}
+
+async fn provider_update(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+    Path(id): Path<String>,
+    Form(f): Form<ProviderForm>,
+) -> AppResult<Response> {
+    if !domain::ids::is_valid_id(&id) {
+        return Err(AppError::NotFound);
+    }
+    state.store.provider(&a.ctx.tenant.id, &id).await?;
+    let saved = match check_provider(&state, &f, false) {
+        Ok(input) => state
+            .store
+            .save_provider(&a.ctx.tenant.id, Some(&id), &input, a.ctx.now, a.audit())
+            .await
+            .map_err(AppError::from),
+        Err(e) => Err(e),
+    };
+    match saved {
+        Ok(_) => Ok(Redirect::to("/admin/models?notice=provider").into_response()),
+        Err(AppError::Validation(errors)) => {
+            edit_page(
+                &state,
+                &a,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &id,
+                errors,
+                Some(f),
+                None,
+            )
+            .await
+        }
+        Err(AppError::Conflict(m)) => {
+            edit_page(
+                &state,
+                &a,
+                StatusCode::CONFLICT,
+                &id,
+                vec![fe("name", m)],
+                Some(f),
+                None,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn model_edit(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
+    if !domain::ids::is_valid_id(&id) {
+        return Err(AppError::NotFound);
+    }
+    let m = state.store.model(&a.ctx.tenant.id, &id).await?;
+    let form = ModelForm {
+        provider_id: m.provider_id,
+        model: m.model,
+        display_name: m.display_name,
+        enabled: on(m.enabled),
+        is_default: on(m.is_default),
+        departments: String::new(),
+        extra: m
+            .department_ids
+            .iter()
+            .map(|d| (format!("dept_{d}"), "1".to_string()))
+            .collect(),
+    };
+    edit_page(
+        &state,
+        &a,
+        StatusCode::OK,
+        &id,
+        Vec::new(),
+        None,
+        Some(form),
+    )
+    .await
+}
+
+async fn model_update(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+    Path(id): Path<String>,
+    Form(f): Form<ModelForm>,
+) -> AppResult<Response> {
+    if !domain::ids::is_valid_id(&id) {
+        return Err(AppError::NotFound);
+    }
+    state.store.model(&a.ctx.tenant.id, &id).await?;
+    let saved = match check_model(&f) {
+        Ok(input) => state
+            .store
+            .save_model(&a.ctx.tenant.id, Some(&id), &input, a.ctx.now, a.audit())
+            .await
+            .map_err(model_error),
+        Err(e) => Err(e),
+    };
+    match saved {
+        Ok(_) => Ok(Redirect::to("/admin/models?notice=model").into_response()),
+        Err(AppError::Validation(errors)) => {
+            edit_page(
+                &state,
+                &a,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &id,
+                errors,
+                None,
+                Some(f),
+            )
+            .await
+        }
+        Err(AppError::Conflict(m)) => {
+            edit_page(
+                &state,
+                &a,
+                StatusCode::CONFLICT,
+                &id,
+                vec![fe("display_name", m)],
+                None,
+                Some(f),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn provider_toggle(
     State(state): State<Shared>,
     TenantAdmin(a): TenantAdmin,
@@ -839,6 +1084,14 @@ pub fn routes() -> Router<Shared> {
             post(provider_toggle),
         )
         .route("/admin/models/providers/{id}/test", post(provider_test))
+        .route(
+            "/admin/models/providers/{id}",
+            get(provider_edit).post(provider_update),
+        )
+        .route(
+            "/admin/models/models/{id}",
+            get(model_edit).post(model_update),
+        )
         .route("/admin/models/models", post(model_create))
         .route("/admin/models/models/{id}/flags", post(model_toggle))
         .route(

@@ -1893,6 +1893,59 @@ async fn models_follow_departments_and_provider_urls_are_checked() {
     let (_, m) = a
         .post_json("/api/v1/admin/models", &json!({"provider_id": p["id"], "model": "gpt-4o", "display_name": "福祉専用", "department_ids": [fukushi.id]}))
         .await;
+    // The edit pages: the key is never shown; an empty key keeps it; a new region is saved.
+    let pid = p["id"].as_str().unwrap().to_string();
+    let (st, html) = a.get_text(&format!("/admin/models/providers/{pid}")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(!html.contains("sk-never-shown") && html.contains("value=\"米国\""));
+    let r = a
+        .post_form(
+            &format!("/admin/models/providers/{pid}"),
+            &[
+                ("name", "OpenAI"),
+                ("kind", "openai"),
+                ("base_url", "https://api.openai.example/v1"),
+                ("api_key", ""),
+                ("region", "日本（東日本）"),
+                ("enabled", "1"),
+                ("no_training", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let stored = s.state.store.provider(s.tenant_id(), &pid).await.unwrap();
+    assert_eq!(
+        (
+            stored.api_key.as_str(),
+            stored.region.as_str(),
+            stored.no_training
+        ),
+        ("sk-never-shown", "日本（東日本）", true)
+    );
+    let mid = m["id"].as_str().unwrap().to_string();
+    let (st, html) = a.get_text(&format!("/admin/models/models/{mid}")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        html.contains(&format!("name=\"dept_{}\" value=\"1\" checked", fukushi.id)),
+        "the restriction is shown"
+    );
+    let r = a
+        .post_form(
+            &format!("/admin/models/models/{mid}"),
+            &[
+                ("provider_id", &pid),
+                ("model", "gpt-4o"),
+                ("display_name", ""),
+                ("enabled", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "an empty name is refused and the form kept"
+    );
+
     let (welfare, _) = s.signed_in("kaigo9", "福祉部/介護保険課", Role::User).await;
     let (tax, _) = s.signed_in("zeimu9", "税務部", Role::User).await;
     assert_eq!(
