@@ -164,16 +164,28 @@ impl FakeProvider {
 
     /// Queues a script for the next request that has none.
     pub fn push(&self, script: Script) {
-        self.shared.queue.lock().unwrap().push_back(script);
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back(script);
     }
 
     /// The script used when the queue is empty.
     pub fn set_default(&self, script: Script) {
-        *self.shared.default.lock().unwrap() = script;
+        *self
+            .shared
+            .default
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = script;
     }
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.requests.lock().unwrap().clone()
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Responses currently being written (including hanging ones).
@@ -194,7 +206,11 @@ impl FakeProvider {
     /// Ends all responses and stops the server.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        let handle = self.server.lock().unwrap().take();
+        let handle = self
+            .server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(mut handle) = handle {
             if tokio::time::timeout(Duration::from_secs(2), &mut handle)
                 .await
@@ -209,7 +225,12 @@ impl FakeProvider {
 impl Drop for FakeProvider {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        if let Some(handle) = self.server.lock().unwrap().take() {
+        if let Some(handle) = self
+            .server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             handle.abort();
         }
     }
@@ -243,21 +264,25 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
-    shared.requests.lock().unwrap().push(RecordedRequest {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: body.clone(),
-    });
+    shared
+        .requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(RecordedRequest {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.clone(),
+        });
 
     let flavor = shared.flavor;
     let model = match route(
@@ -280,9 +305,15 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let script = shared
         .queue
         .lock()
-        .unwrap()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .pop_front()
-        .unwrap_or_else(|| shared.default.lock().unwrap().clone());
+        .unwrap_or_else(|| {
+            shared
+                .default
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        });
     match script {
         Script::Status {
             code,

@@ -115,13 +115,7 @@ struct UserQuery {
 
 impl UserQuery {
     fn filter(&self) -> UserFilter {
-        UserFilter {
-            query: Some(self.q.chars().take(100).collect()),
-            department_path: Some(self.dept.clone()).filter(|s| !s.is_empty()),
-            role: Role::parse(&self.role).filter(|_| !self.role.is_empty()),
-            status: UserStatus::parse(&self.status),
-            unused_since: None,
-        }
+        ops::user_filter(&self.q, &self.dept, &self.role, &self.status)
     }
     fn query_string(&self) -> String {
         format!(

@@ -13,7 +13,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use domain::policy;
 use domain::settings::TenantSettings;
-use domain::Role;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use storage::{UserFilter, UserStatus};
@@ -249,13 +248,7 @@ async fn users(
     Query(q): Query<UsersQuery>,
 ) -> AppResult<Json<Value>> {
     let scope = ops::scope_of(&a)?;
-    let f = UserFilter {
-        query: Some(q.q.chars().take(100).collect()),
-        department_path: Some(q.department).filter(|s| !s.is_empty()),
-        role: Role::parse(&q.role).filter(|_| !q.role.is_empty()),
-        status: UserStatus::parse(&q.status),
-        unused_since: None,
-    };
+    let f = ops::user_filter(&q.q, &q.department, &q.role, &q.status);
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let offset = q.offset.unwrap_or(0).max(0);
     let (list, total) = state

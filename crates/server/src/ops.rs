@@ -321,6 +321,17 @@ pub struct UserInput {
     pub role: String,
 }
 
+/// The user-list filter as typed in a form or query string (blank means "any").
+pub fn user_filter(query: &str, department: &str, role: &str, status: &str) -> storage::UserFilter {
+    storage::UserFilter {
+        query: Some(query.chars().take(100).collect()),
+        department_path: Some(department.to_string()).filter(|s| !s.is_empty()),
+        role: Role::parse(role).filter(|_| !role.is_empty()),
+        status: UserStatus::parse(status),
+        unused_since: None,
+    }
+}
+
 pub fn scope_of(a: &Authed) -> AppResult<UserScope> {
     policy::user_scope(a.actor()).ok_or(AppError::Forbidden)
 }
