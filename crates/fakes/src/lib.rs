@@ -142,6 +142,11 @@ impl FakeProvider {
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let mut stop_rx = shutdown_rx;
         let server = tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            // A real provider's edge flushes each event at once; so must the fake.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;

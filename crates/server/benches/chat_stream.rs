@@ -4,20 +4,162 @@
 //! cargo bench -p server --bench chat_stream -- 100 1000
 //! ```
 //!
-//! For each N: N concurrent conversations stream an answer through a real `yakuba serve`
-//! process (release build, SQLite) from a fast fake OpenAI-compatible upstream, and the same
-//! N streams are sent straight to the fake. Reports time to first token and the delay
-//! between chunks (p50, p99) for both, what yakuba adds, yakuba's CPU seconds per stream and
-//! its peak resident memory. The client and the fake share the machine with yakuba, so on
-//! two cores the added latency is an upper bound.
+//! For each N, two loads, each sent through a real `yakuba serve` process (release build,
+//! SQLite) from a fast fake OpenAI-compatible upstream and, for the baseline, the same load
+//! sent straight to the fake:
+//!
+//! - **steady**: answers last `STEADY_SECS` seconds and new questions arrive at an even
+//!   rate of N per `STEADY_SECS`, so about N streams are open at any moment (how 1,000
+//!   members of staff actually use it). Only questions sent once N streams are open are
+//!   measured.
+//! - **burst**: N questions sent in the same instant (the worst case; on two cores the
+//!   queue of N requests is what the first-token times show).
+//!
+//! Reports time to first token and the delay between chunks (p50, p99) for both, what yakuba
+//! adds, yakuba's CPU seconds per stream and its peak resident memory. The client and the
+//! fake share the machine with yakuba, so on two cores the added latency is an upper bound.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const CHUNKS: usize = 20;
-const CHUNK_DELAY_MS: u64 = 20;
+const STEADY_SECS: u64 = 10;
+const STEADY_CHUNK_DELAY_MS: u64 = 200;
+const BURST_CHUNKS: usize = 20;
+const BURST_CHUNK_DELAY_MS: u64 = 20;
+
+struct Load {
+    name: &'static str,
+    n: usize,
+    chunks: usize,
+    delay_ms: u64,
+    /// When each question is sent, from the start of the load.
+    starts: Vec<Duration>,
+    /// Questions before this index warm the load up and are not measured.
+    measure_from: usize,
+}
+
+impl Load {
+    async fn run(
+        &self,
+        fake: &fakes::FakeProvider,
+        http: &reqwest::Client,
+        base: &str,
+        csrf: &str,
+        model_id: &str,
+        pid: u32,
+    ) {
+        fake.set_default(fakes::Script::Answer {
+            chunks: (0..self.chunks).map(|i| format!("第{i}文。")).collect(),
+            delay_ms: self.delay_ms,
+        });
+        // Conversations first, so the measured part is the streaming.
+        let mut convs = Vec::new();
+        for _ in 0..self.starts.len() {
+            let c: Value = http
+                .post(format!("{base}/api/v1/conversations"))
+                .header("x-csrf-token", csrf)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            convs.push(c["id"].as_str().unwrap().to_string());
+        }
+
+        // Straight to the fake.
+        let direct = reqwest::Client::builder()
+            .pool_max_idle_per_host(4000)
+            .build()
+            .unwrap();
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for at in &self.starts {
+            let direct = direct.clone();
+            let url = format!("{}/chat/completions", fake.base_url);
+            let at = *at;
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until((t0 + at).into()).await;
+                let sent = Instant::now();
+                let r = direct
+                    .post(url)
+                    .bearer_auth("k")
+                    .json(&json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "計測"}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                measure(r, sent, "\"content\"").await
+            }));
+        }
+        let (mut d_ttft, mut d_gaps) = (Vec::new(), Vec::new());
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (ttft, gaps, _) = t.await.unwrap();
+            if i >= self.measure_from {
+                d_ttft.push(ttft);
+                d_gaps.extend(gaps);
+            }
+        }
+
+        // Through yakuba.
+        let cpu0 = proc_cpu_seconds(pid);
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for (conv, at) in convs.iter().zip(&self.starts) {
+            let http = http.clone();
+            let url = format!("{base}/api/v1/conversations/{conv}/messages");
+            let csrf = csrf.to_string();
+            let model_id = model_id.to_string();
+            let at = *at;
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until((t0 + at).into()).await;
+                let sent = Instant::now();
+                let r = http
+                    .post(url)
+                    .header("x-csrf-token", csrf)
+                    .json(&json!({"content": "計測", "model_id": model_id}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                let (ttft, gaps, count) = measure(r, sent, "event: delta").await;
+                (status, ttft, gaps, count)
+            }));
+        }
+        let (mut y_ttft, mut y_gaps, mut failed) = (Vec::new(), Vec::new(), 0);
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (status, ttft, gaps, count) = t.await.unwrap();
+            if !status.is_success() || count < self.chunks {
+                failed += 1;
+                continue;
+            }
+            if i >= self.measure_from {
+                y_ttft.push(ttft);
+                y_gaps.extend(gaps);
+            }
+        }
+        let wall_s = t0.elapsed().as_secs_f64();
+        let cpu = proc_cpu_seconds(pid) - cpu0;
+        let streams = self.starts.len();
+        let (dt50, dt99) = (pct(&mut d_ttft, 0.5), pct(&mut d_ttft, 0.99));
+        let (yt50, yt99) = (pct(&mut y_ttft, 0.5), pct(&mut y_ttft, 0.99));
+        let (dg50, dg99) = (pct(&mut d_gaps, 0.5), pct(&mut d_gaps, 0.99));
+        let (yg50, yg99) = (pct(&mut y_gaps, 0.5), pct(&mut y_gaps, 0.99));
+        println!(
+            "{} N = {} concurrent streams: {} answers of {} chunks every {} ms, {} measured ({failed} failed or incomplete; wall {wall_s:.2} s)",
+            self.name, self.n, streams, self.chunks, self.delay_ms, y_ttft.len()
+        );
+        println!("  time to first token   direct p50 {dt50:7.2} ms  p99 {dt99:7.2} ms | yakuba p50 {yt50:7.2} ms  p99 {yt99:7.2} ms | added p50 {:7.2} ms  p99 {:7.2} ms", yt50 - dt50, yt99 - dt99);
+        println!("  delay between chunks  direct p50 {dg50:7.2} ms  p99 {dg99:7.2} ms | yakuba p50 {yg50:7.2} ms  p99 {yg99:7.2} ms | added p50 {:7.2} ms  p99 {:7.2} ms", yg50 - dg50, yg99 - dg99);
+        println!(
+            "  yakuba CPU {cpu:.2} s in total, {:.2} ms per stream; peak RSS {:.1} MB",
+            cpu * 1000.0 / streams as f64,
+            proc_peak_rss_mb(pid)
+        );
+    }
+}
 
 fn pct(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
@@ -84,10 +226,6 @@ async fn main() {
         .collect();
     let ns = if ns.is_empty() { vec![100, 1000] } else { ns };
     let fake = fakes::FakeProvider::start(fakes::Flavor::OpenAi).await;
-    fake.set_default(fakes::Script::Answer {
-        chunks: (0..CHUNKS).map(|i| format!("第{i}文。")).collect(),
-        delay_ms: CHUNK_DELAY_MS,
-    });
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -183,95 +321,31 @@ async fn main() {
     .unwrap();
     let model_id = m["id"].as_str().unwrap().to_string();
 
-    println!("chunks per answer: {CHUNKS}, upstream delay between chunks: {CHUNK_DELAY_MS} ms");
     for n in ns {
-        // Conversations first, so the measured part is the streaming.
-        let mut convs = Vec::new();
-        for _ in 0..n {
-            let c: Value = post("/api/v1/conversations", json!({}))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            convs.push(c["id"].as_str().unwrap().to_string());
-        }
-
-        // Straight to the fake.
-        let direct = reqwest::Client::builder()
-            .pool_max_idle_per_host(2000)
-            .build()
-            .unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..n {
-            let direct = direct.clone();
-            let url = format!("{}/chat/completions", fake.base_url);
-            tasks.push(tokio::spawn(async move {
-                let t0 = Instant::now();
-                let r = direct
-                    .post(url)
-                    .bearer_auth("k")
-                    .json(&json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "計測"}]}))
-                    .send()
-                    .await
-                    .unwrap();
-                measure(r, t0, "\"content\"").await
-            }));
-        }
-        let (mut d_ttft, mut d_gaps) = (Vec::new(), Vec::new());
-        for t in tasks {
-            let (ttft, gaps, _) = t.await.unwrap();
-            d_ttft.push(ttft);
-            d_gaps.extend(gaps);
-        }
-
-        // Through yakuba.
-        let cpu0 = proc_cpu_seconds(pid);
-        let wall = Instant::now();
-        let mut tasks = Vec::new();
-        for conv in &convs {
-            let http = http.clone();
-            let url = format!("{base}/api/v1/conversations/{conv}/messages");
-            let csrf = csrf.clone();
-            let model_id = model_id.clone();
-            tasks.push(tokio::spawn(async move {
-                let t0 = Instant::now();
-                let r = http
-                    .post(url)
-                    .header("x-csrf-token", csrf)
-                    .json(&json!({"content": "計測", "model_id": model_id}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status();
-                let (ttft, gaps, count) = measure(r, t0, "event: delta").await;
-                (status, ttft, gaps, count)
-            }));
-        }
-        let (mut y_ttft, mut y_gaps, mut failed) = (Vec::new(), Vec::new(), 0);
-        for t in tasks {
-            let (status, ttft, gaps, count) = t.await.unwrap();
-            if !status.is_success() || count < CHUNKS {
-                failed += 1;
-                continue;
-            }
-            y_ttft.push(ttft);
-            y_gaps.extend(gaps);
-        }
-        let wall_s = wall.elapsed().as_secs_f64();
-        let cpu = proc_cpu_seconds(pid) - cpu0;
-        let (dt50, dt99) = (pct(&mut d_ttft, 0.5), pct(&mut d_ttft, 0.99));
-        let (yt50, yt99) = (pct(&mut y_ttft, 0.5), pct(&mut y_ttft, 0.99));
-        let (dg50, dg99) = (pct(&mut d_gaps, 0.5), pct(&mut d_gaps, 0.99));
-        let (yg50, yg99) = (pct(&mut y_gaps, 0.5), pct(&mut y_gaps, 0.99));
-        println!("N = {n} concurrent streams ({failed} failed or incomplete; wall {wall_s:.2} s)");
-        println!("  time to first token   direct p50 {dt50:7.2} ms  p99 {dt99:7.2} ms | yakuba p50 {yt50:7.2} ms  p99 {yt99:7.2} ms | added p50 {:7.2} ms  p99 {:7.2} ms", yt50 - dt50, yt99 - dt99);
-        println!("  delay between chunks  direct p50 {dg50:7.2} ms  p99 {dg99:7.2} ms | yakuba p50 {yg50:7.2} ms  p99 {yg99:7.2} ms | added p50 {:7.2} ms  p99 {:7.2} ms", yg50 - dg50, yg99 - dg99);
-        println!(
-            "  yakuba CPU {cpu:.2} s in total, {:.2} ms per stream; peak RSS {:.1} MB",
-            cpu * 1000.0 / n as f64,
-            proc_peak_rss_mb(pid)
-        );
+        // Steady: about n streams open at any moment.
+        let chunks = (STEADY_SECS * 1000 / STEADY_CHUNK_DELAY_MS) as usize;
+        let spacing = Duration::from_secs(STEADY_SECS) / n as u32;
+        let total = 2 * n;
+        let starts: Vec<Duration> = (0..total).map(|i| spacing * i as u32).collect();
+        let load = Load {
+            name: "steady",
+            n,
+            chunks,
+            delay_ms: STEADY_CHUNK_DELAY_MS,
+            starts,
+            measure_from: n,
+        };
+        load.run(&fake, &http, &base, &csrf, &model_id, pid).await;
+        // Burst: n questions in the same instant.
+        let load = Load {
+            name: "burst",
+            n,
+            chunks: BURST_CHUNKS,
+            delay_ms: BURST_CHUNK_DELAY_MS,
+            starts: vec![Duration::ZERO; n],
+            measure_from: 0,
+        };
+        load.run(&fake, &http, &base, &csrf, &model_id, pid).await;
     }
     let _ = child.kill();
     let _ = child.wait();

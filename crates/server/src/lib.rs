@@ -144,7 +144,15 @@ pub async fn serve(
     state: Shared,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let app = app::router(state);
+    // Without TCP_NODELAY the first small delta after the response headers waits for the
+    // client's delayed ACK (about 40 ms on Linux): streamed text must go out at once.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

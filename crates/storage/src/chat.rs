@@ -477,7 +477,7 @@ impl Store {
             .bind(user_id)
             .bind(title)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         self.conversation(tenant_id, user_id, &id).await
     }
@@ -534,7 +534,7 @@ impl Store {
         .bind(tenant_id)
         .bind(user_id)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         if n == 0 {
@@ -763,7 +763,7 @@ impl Store {
     /// Answers left `streaming` by a crash become `failed` at start-up.
     pub async fn fail_interrupted_answers(&self) -> Result<u64> {
         Ok(sqlx::query("UPDATE messages SET status = 'failed', error_code = 'interrupted', error_detail = 'server restarted' WHERE status = 'streaming'")
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected())
     }

@@ -32,7 +32,7 @@ impl Store {
             .bind(&p.tenant_id)
             .bind(&p.created_by)
             .bind(p.created_at - domain::clock::DAY_MS)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         sqlx::query("INSERT INTO pending_imports (id, tenant_id, created_by, created_at, create_departments, content) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&p.id)
@@ -41,7 +41,7 @@ impl Store {
             .bind(p.created_at)
             .bind(i64::from(p.create_departments))
             .bind(&p.content)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -51,7 +51,7 @@ impl Store {
         Ok(
             sqlx::query("DELETE FROM pending_imports WHERE created_at < $1")
                 .bind(created_before)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?
                 .rows_affected(),
         )

@@ -69,7 +69,12 @@ pub enum Backend {
 
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// Reads (and, on PostgreSQL, writes).
     pool: AnyPool,
+    /// Writes. On SQLite one connection: writers queue in the pool, first come first
+    /// served, instead of polling SQLite's busy handler (which sleeps up to 100 ms between
+    /// tries) while holding connections the readers need. On PostgreSQL the same pool.
+    writer: AnyPool,
     backend: Backend,
 }
 
@@ -93,12 +98,30 @@ impl Store {
             url.to_string()
         };
         let opts = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite {
+        let pool = Self::pool_options(
+            backend,
+            if backend == Backend::Sqlite {
                 max_connections.min(8)
             } else {
                 max_connections
-            })
+            },
+        )
+        .connect_with(opts.clone())
+        .await?;
+        let writer = match backend {
+            Backend::Sqlite => Self::pool_options(backend, 1).connect_with(opts).await?,
+            Backend::Postgres => pool.clone(),
+        };
+        Ok(Store {
+            pool,
+            writer,
+            backend,
+        })
+    }
+
+    fn pool_options(backend: Backend, max_connections: u32) -> AnyPoolOptions {
+        AnyPoolOptions::new()
+            .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
@@ -112,9 +135,6 @@ impl Store {
                     Ok(())
                 })
             })
-            .connect_with(opts)
-            .await?;
-        Ok(Store { pool, backend })
     }
 
     pub fn backend(&self) -> Backend {
@@ -135,8 +155,8 @@ impl Store {
     /// wait for a busy writer and fails with "database is locked" under concurrency.
     pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         Ok(match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.writer.begin().await?,
         })
     }
 
@@ -147,6 +167,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

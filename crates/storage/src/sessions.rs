@@ -225,7 +225,7 @@ impl Store {
         sqlx::query("UPDATE sessions SET last_seen_at = $1 WHERE id = $2")
             .bind(now)
             .bind(session_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -320,7 +320,7 @@ impl Store {
             sqlx::query("DELETE FROM sessions WHERE last_seen_at < $1 OR created_at < $2")
                 .bind(idle_before)
                 .bind(created_before)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?
                 .rows_affected(),
         )
