@@ -376,3 +376,72 @@ test('chat: an admin adds a model, staff stream an answer, stop one and regenera
   assert.match(await page.locator('#conversations').innerText(), /来年度の予算要求/);
   await page.context().close();
 });
+
+test('usage: the allowance shrinks while chatting, warns at 80 % and stops at 100 %', async () => {
+  const temp = createUser('kaikei.staff', '会計課', 'user');
+  const admin = await newPage();
+  await signIn(admin, 'first.admin', NEW_PASSWORD);
+  await admin.goto(`${base}/admin/usage`);
+  await admin.fill('#monthly_chars', '5,000,000');
+  await Promise.all([admin.waitForURL(/notice=saved/), admin.click('form[action="/admin/usage"] button[type=submit]')]);
+  // Each question of 5 characters below gets an answer of 20: 25 a turn; 120 for 会計課.
+  await admin.getByLabel('会計課', { exact: true }).fill('120');
+  await Promise.all([admin.waitForURL(/notice=allocations/), admin.click('form[action="/admin/usage/allocations"] button[type=submit]')]);
+  assert.equal(await admin.getByLabel('会計課', { exact: true }).inputValue(), '120');
+  await shot(admin, '20-usage-limits');
+
+  const page = await newPage();
+  await signIn(page, 'kaikei.staff', temp);
+  await page.fill('#current_password', temp);
+  await page.fill('#new_password', NEW_PASSWORD);
+  await page.fill('#confirm_password', NEW_PASSWORD);
+  await Promise.all([page.waitForLoadState('load'), page.click('main button[type=submit]')]);
+  await page.goto(`${base}/chat`);
+  await page.click('.chat-new');
+  await page.waitForURL(/\/chat\/[0-9a-f]{32}$/);
+  const meter = page.locator('#usage-meter');
+  assert.match(await meter.innerText(), /会計課 120文字/);
+  // Five characters each, never the same twice (the fake marks a repeat as a regeneration).
+  const ask = async (n) => {
+    await page.fill('#prompt', `会計質問${n}`);
+    await page.click('#send');
+    await page.waitForFunction((k) => document.querySelectorAll('.msg-assistant .md strong').length >= k, n);
+    // The meter is refreshed once the answer is stored.
+    await page.waitForFunction((k) => !document.querySelector('#send').disabled && document.querySelector('#usage-meter').textContent.includes(`会計課 ${120 - 25 * k}文字`), n);
+  };
+  await ask(1);
+  assert.equal(await page.locator('#usage-notice').count(), 0, 'no notice below 80 %');
+  for (let i = 2; i <= 4; i++) await ask(i);
+  // 100 of 120: the warning.
+  const notice = page.locator('#usage-notice');
+  assert.equal(await notice.getAttribute('data-level'), 'warning');
+  assert.match(await notice.innerText(), /会計課への配分の83%を使いました（残り20文字）/);
+  await shot(page, '21-usage-warning', false);
+  // The fifth fits in what is left and finishes; then the allocation is used up.
+  await page.fill('#prompt', '会計質問5');
+  await page.click('#send');
+  await page.waitForFunction(() => document.querySelectorAll('.msg-assistant .md strong').length >= 5);
+  await page.waitForFunction(() => document.querySelector('#usage-notice')?.dataset.level === 'exhausted');
+  assert.match(await notice.innerText(), /使い切ったため、新しい質問は送信できません/);
+  // The next question is refused with the same plain message, and nothing is added.
+  await page.fill('#prompt', 'もう一つ質問です');
+  await page.click('#send');
+  await page.locator('#composer-error').waitFor({ state: 'visible' });
+  assert.match(await page.locator('#composer-error').innerText(), /会計課への配分（120文字）を使い切ったため/);
+  assert.equal(await page.locator('.msg-user').count(), 5);
+  await shot(page, '22-usage-stopped', false);
+  await page.context().close();
+
+  // The admin's view of the month: the chart and the figures by department.
+  await admin.goto(`${base}/usage?view=tenant`);
+  assert.equal(await admin.locator('svg.chart').count(), 3);
+  assert.match(await admin.locator('main').innerText(), /会計課/);
+  const csv = await admin.evaluate(async () => {
+    const r = await fetch('/usage/export.csv?view=tenant&table=departments');
+    return { type: r.headers.get('content-type'), text: await r.text() };
+  });
+  assert.match(csv.type, /text\/csv/);
+  assert.match(csv.text, /会計課,5,25,100,/);
+  await shot(admin, '23-usage-tenant');
+  await admin.context().close();
+});

@@ -11,6 +11,7 @@ pub mod policy;
 pub mod role;
 pub mod settings;
 pub mod time;
+pub mod usage;
 pub mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -128,6 +128,27 @@ pub fn can_use_model(actor: &Actor, all_departments: bool, allowed_paths: &[Stri
             .any(|p| in_subtree(p, &actor.department_path))
 }
 
+/// Whose usage figures the caller may see besides their own: the whole tenant (tenant
+/// admins and auditors), a department subtree (department admins: their own), with top
+/// users listed only for admins and auditors.
+pub fn can_view_tenant_usage(actor: &Actor) -> bool {
+    matches!(actor.role, Role::TenantAdmin | Role::Auditor)
+}
+
+/// May the caller see the usage of the department at `path` (and below it)?
+pub fn view_department_usage(actor: &Actor, path: &str) -> Decision {
+    match actor.role {
+        Role::TenantAdmin | Role::Auditor => Decision::Allow,
+        Role::DepartmentAdmin if in_subtree(&actor.department_path, path) => Decision::Allow,
+        _ => Decision::NotFound,
+    }
+}
+
+/// Allowances, allocations and caps are the tenant admin's.
+pub fn can_set_usage_limits(actor: &Actor) -> bool {
+    actor.role == Role::TenantAdmin
+}
+
 /// Chat is for staff and admins; support operators never see chat content (S2).
 pub fn can_chat(actor: &Actor) -> bool {
     actor.role != Role::Support
@@ -232,5 +253,30 @@ mod tests {
         let mut t = target("t1", Role::TenantAdmin, "総務部");
         t.user_id = "me";
         assert_eq!(manage_user(&a, &t), Decision::Forbidden);
+    }
+
+    #[test]
+    fn usage_figures_by_role() {
+        let dept_admin = actor(Role::DepartmentAdmin, "市民部");
+        assert_eq!(
+            view_department_usage(&dept_admin, "市民部/市民課"),
+            Decision::Allow
+        );
+        assert_eq!(
+            view_department_usage(&dept_admin, "総務部"),
+            Decision::NotFound
+        );
+        assert_eq!(
+            view_department_usage(&actor(Role::User, "市民部"), "市民部"),
+            Decision::NotFound
+        );
+        assert_eq!(
+            view_department_usage(&actor(Role::Auditor, "監査"), "総務部"),
+            Decision::Allow
+        );
+        assert!(can_view_tenant_usage(&actor(Role::TenantAdmin, "総務部")));
+        assert!(!can_view_tenant_usage(&dept_admin));
+        assert!(can_set_usage_limits(&actor(Role::TenantAdmin, "総務部")));
+        assert!(!can_set_usage_limits(&actor(Role::Auditor, "総務部")));
     }
 }

@@ -55,6 +55,32 @@ impl Default for ChatPolicy {
     }
 }
 
+/// The monthly allowance in characters (M4).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsagePolicy {
+    /// Characters a month for the whole city, input and output both counted.
+    pub monthly_chars: i64,
+    /// Whether context the service adds (attached files, earlier turns, retrieved
+    /// passages) counts toward the allowance. Always shown; counted only by choice.
+    pub count_context: bool,
+    /// Let requests past a limit go ahead (flagged for admins) instead of stopping them.
+    pub allow_overrun: bool,
+    /// Cap for each member of staff unless one is set for them; `None` for no cap.
+    pub user_monthly_chars: Option<i64>,
+}
+
+impl Default for UsagePolicy {
+    fn default() -> Self {
+        Self {
+            monthly_chars: crate::usage::DEFAULT_MONTHLY_CHARS,
+            count_context: false,
+            allow_overrun: false,
+            user_monthly_chars: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantSettings {
@@ -66,6 +92,7 @@ pub struct TenantSettings {
     pub session_user: SessionPolicy,
     pub session_admin: SessionPolicy,
     pub chat: ChatPolicy,
+    pub usage: UsagePolicy,
 }
 
 impl Default for TenantSettings {
@@ -92,6 +119,7 @@ impl Default for TenantSettings {
                 absolute_minutes: 8 * 60,
             },
             chat: ChatPolicy::default(),
+            usage: UsagePolicy::default(),
         }
     }
 }
@@ -196,6 +224,24 @@ impl TenantSettings {
                 "chat.max_message_chars",
                 "1回の入力の上限は1〜1,000,000文字で指定してください。".into(),
             );
+        }
+        let u = &self.usage;
+        if !(1..=crate::usage::MAX_LIMIT_CHARS).contains(&u.monthly_chars) {
+            push(
+                "usage.monthly_chars",
+                format!(
+                    "月間の利用上限は1〜{}文字で指定してください。",
+                    crate::usage::grouped(crate::usage::MAX_LIMIT_CHARS)
+                ),
+            );
+        }
+        if let Some(cap) = u.user_monthly_chars {
+            if cap < 1 || cap > u.monthly_chars {
+                push(
+                    "usage.user_monthly_chars",
+                    "職員1人あたりの上限は1文字以上、全体の上限以下にしてください。".into(),
+                );
+            }
         }
         if self.lockout_admin.max_failures > self.lockout_user.max_failures {
             push(

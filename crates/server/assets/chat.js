@@ -167,7 +167,18 @@
       controller = null;
       setBusy(false);
       regenBtn.hidden = false;
+      refreshMeter();
     }
+  }
+
+  // The remaining allowance beside the input box, as the server counts it now.
+  async function refreshMeter() {
+    var box = document.getElementById('usage-meter');
+    if (!box) return;
+    try {
+      var r = await fetch('/usage/meter', { headers: { 'Accept': 'text/html' } });
+      if (r.ok) box.innerHTML = await r.text();
+    } catch (e) { /* keep the last figures */ }
   }
 
   async function send() {

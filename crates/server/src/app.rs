@@ -64,6 +64,12 @@ pub struct Catalog {
     pub models: Vec<storage::Model>,
     pub providers: std::collections::HashMap<String, storage::Provider>,
     pub department_paths: std::collections::HashMap<String, String>,
+    /// Department path → id.
+    pub department_ids: std::collections::HashMap<String, String>,
+    /// Monthly allocations by department id.
+    pub allocations: std::collections::HashMap<String, i64>,
+    /// Monthly caps set for individual users, by user id.
+    pub user_caps: std::collections::HashMap<String, i64>,
 }
 
 pub struct AppState {
@@ -79,6 +85,8 @@ pub struct AppState {
     pub llm_clients: std::sync::Mutex<std::collections::HashMap<String, (i64, llm::Client)>>,
     pub tenants: TtlCache<Arc<Tenant>>,
     pub catalogs: TtlCache<Arc<Catalog>>,
+    /// Characters held by chat requests still running on this node.
+    pub meter: Arc<crate::usage::Meter>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -103,6 +111,7 @@ impl AppState {
         if let Some(c) = self.catalogs.get(tenant_id) {
             return Ok(c);
         }
+        let paths = self.store.department_paths(tenant_id).await?;
         let c = Arc::new(Catalog {
             models: self.store.list_models(tenant_id).await?,
             providers: self
@@ -112,7 +121,10 @@ impl AppState {
                 .into_iter()
                 .map(|p| (p.id.clone(), p))
                 .collect(),
-            department_paths: self.store.department_paths(tenant_id).await?,
+            department_paths: paths.clone(),
+            department_ids: paths.into_iter().map(|(id, p)| (p, id)).collect(),
+            allocations: self.store.usage_allocations(tenant_id).await?,
+            user_caps: self.store.usage_user_caps(tenant_id).await?,
         });
         self.catalogs.put(tenant_id, c.clone());
         Ok(c)
@@ -770,6 +782,7 @@ pub fn router(state: Shared) -> Router {
         .merge(api::routes(max_import))
         .merge(chat_web::routes(max_import))
         .merge(models_admin::routes())
+        .merge(crate::usage_web::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .layer(DefaultBodyLimit::max(max_body));

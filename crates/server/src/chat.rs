@@ -180,6 +180,10 @@ enum Payload {
     Usage {
         input_chars: i64,
         output_chars: i64,
+        /// Added by the service (earlier turns, attached file); counted only by choice.
+        context_chars: i64,
+        /// What this answer counted toward the allowance.
+        counted_chars: i64,
         input_tokens: Option<i64>,
         output_tokens: Option<i64>,
         ttft_ms: Option<i64>,
@@ -257,7 +261,7 @@ fn start(
     state: &Shared,
     a: &Authed,
     record: Record,
-    input_chars: i64,
+    metered: Metered,
     provider: &Provider,
     req: llm::ChatRequest,
 ) -> Response {
@@ -267,7 +271,7 @@ fn start(
         tenant_id: a.ctx.tenant.id.clone(),
         user_id: a.auth.user.id.clone(),
         record,
-        input_chars,
+        metered,
         client: client_for(state, provider),
         req,
     };
@@ -317,6 +321,7 @@ pub async fn send(
         .iter()
         .map(|m| m.content.chars().count() as i64)
         .sum();
+    let metered = Metered::check(state, a, &content, &messages, &model).await?;
     let req = llm::ChatRequest {
         model: model.model.clone(),
         system: None,
@@ -358,7 +363,7 @@ pub async fn send(
         }
         Ok(answer_id)
     });
-    Ok(start(state, a, record, input_chars, &provider, req))
+    Ok(start(state, a, record, metered, &provider, req))
 }
 
 /// Answers the last question again (with this model); the earlier answers stay on record.
@@ -392,6 +397,8 @@ pub async fn regenerate(
         .iter()
         .map(|m| m.content.chars().count() as i64)
         .sum();
+    // The question goes to the model again, so it counts again.
+    let metered = Metered::check(state, a, &history[last_q].content, &messages, &model).await?;
     let req = llm::ChatRequest {
         model: model.model.clone(),
         system: None,
@@ -414,7 +421,105 @@ pub async fn regenerate(
     let store = state.store.clone();
     let audit = a.audit();
     let record = tokio::spawn(async move { store.begin_answer(&turn, audit).await });
-    Ok(start(state, a, record, input_chars, &provider, req))
+    Ok(start(state, a, record, metered, &provider, req))
+}
+
+/// A request that passed the allowance check: what it counts so far, the hold on the
+/// allowance, and who and where it is counted for.
+struct Metered {
+    hold: crate::usage::Hold,
+    count_context: bool,
+    rec: storage::UsageRecord,
+}
+
+impl Metered {
+    /// Counts the question and the context sent with it, and holds room for the answer;
+    /// refuses when a limit is used up.
+    async fn check(
+        state: &Shared,
+        a: &Authed,
+        question: &str,
+        sent: &[llm::ChatMessage],
+        model: &Model,
+    ) -> AppResult<Metered> {
+        use domain::usage::count_chars;
+        let policy = &a.ctx.tenant.settings.usage;
+        let input_chars = count_chars(question);
+        let total: i64 = sent.iter().map(|m| count_chars(&m.content)).sum();
+        let context_chars = (total - input_chars).max(0);
+        let counted_input = input_chars
+            + if policy.count_context {
+                context_chars
+            } else {
+                0
+            };
+        let catalog = state.catalog(&a.ctx.tenant.id).await?;
+        let place = crate::usage::placement(a, &catalog);
+        let month = domain::usage::Month::of(a.ctx.now);
+        let hold = crate::usage::reserve(
+            state,
+            &a.ctx.tenant.id,
+            month,
+            &place.scopes,
+            counted_input,
+            policy.allow_overrun,
+        )
+        .await?;
+        let user = &a.auth.user;
+        let rec = storage::UsageRecord {
+            tenant_id: a.ctx.tenant.id.clone(),
+            month: month.key(),
+            day: i64::from(domain::usage::day_of_month(a.ctx.now)),
+            at: a.ctx.now,
+            user_id: user.id.clone(),
+            user_login: user.login_id.clone(),
+            user_name: user.display_name.clone(),
+            department_id: Some(user.department_id.clone()),
+            department_path: user.department_path.clone(),
+            dept_chain: place.dept_chain,
+            model_id: Some(model.id.clone()),
+            model_name: model.display_name.clone(),
+            input_chars,
+            context_chars,
+            over_limit: hold.over_limit,
+            ..Default::default()
+        };
+        Ok(Metered {
+            hold,
+            count_context: policy.count_context,
+            rec,
+        })
+    }
+
+    /// The record of what the request used. A failed request that produced nothing counts
+    /// nothing (the provider did not answer); stopped and partial answers count what was
+    /// sent and what came back.
+    fn settle(
+        &self,
+        status: &str,
+        output: &str,
+        end: &AnswerEnd,
+        message_id: Option<&str>,
+    ) -> storage::UsageRecord {
+        let mut rec = self.rec.clone();
+        rec.status = status.to_string();
+        rec.message_id = message_id.map(str::to_string);
+        rec.output_chars = domain::usage::count_chars(output);
+        rec.input_tokens = end.input_tokens;
+        rec.output_tokens = end.output_tokens;
+        rec.counted_chars = if status == "failed" && rec.output_chars == 0 {
+            0
+        } else {
+            rec.input_chars
+                + rec.output_chars
+                + if self.count_context {
+                    rec.context_chars
+                } else {
+                    0
+                }
+        };
+        rec
+    }
 }
 
 struct Answer {
@@ -422,7 +527,7 @@ struct Answer {
     tenant_id: String,
     user_id: String,
     record: Record,
-    input_chars: i64,
+    metered: Metered,
     client: Result<llm::Client, llm::LlmError>,
     req: llm::ChatRequest,
 }
@@ -516,6 +621,11 @@ impl Answer {
             Ok(Ok(id)) => id,
             other => {
                 tracing::error!(outcome = ?other.map(|r| r.map(|_| ())), "could not record a chat turn");
+                // The provider still did the work: its characters count.
+                let usage = self.metered.settle(status, &content, &end, None);
+                if let Err(e) = self.state.store.record_usage(&usage).await {
+                    tracing::error!(error = %e, "could not record usage of an unrecorded answer");
+                }
                 if !cancelled {
                     let p = Payload::Error {
                         code: "record_failed".into(),
@@ -527,6 +637,9 @@ impl Answer {
                 return;
             }
         };
+        let usage = self
+            .metered
+            .settle(status, &content, &end, Some(&answer_id));
         if let Err(e) = self
             .state
             .store
@@ -536,19 +649,24 @@ impl Answer {
                 &end,
                 &self.user_id,
                 self.state.now(),
+                Some(&usage),
             )
             .await
         {
             tracing::error!(error = %e, "could not store the end of an answer");
         }
+        // The hold ends only now that the real count is stored.
+        drop(self.metered.hold);
         if cancelled {
             return;
         }
         match result {
             Ok(_) => {
                 let usage = Payload::Usage {
-                    input_chars: self.input_chars,
-                    output_chars: content.chars().count() as i64,
+                    input_chars: usage.input_chars,
+                    output_chars: usage.output_chars,
+                    context_chars: usage.context_chars,
+                    counted_chars: usage.counted_chars,
                     input_tokens: end.input_tokens,
                     output_tokens: end.output_tokens,
                     ttft_ms: ttft,

@@ -86,15 +86,7 @@ fn error_text(code: &str) -> String {
 }
 
 fn fmt_num(n: i64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    domain::usage::grouped(n)
 }
 
 pub struct ConvLink {
@@ -117,6 +109,8 @@ struct ChatPage {
     max_chars: u32,
     max_chars_label: String,
     can_regenerate: bool,
+    /// The remaining allowance shown by the input box (rendered HTML).
+    meter_html: String,
 }
 
 #[derive(Template)]
@@ -176,7 +170,13 @@ async fn page(
     let can_regenerate = messages
         .last()
         .is_some_and(|m: &MessageView| m.role == "assistant" && m.status != "streaming");
+    let meter_html = if current.is_some() {
+        crate::usage_web::meter_view(state, a).await?.render()?
+    } else {
+        String::new()
+    };
     render(&ChatPage {
+        meter_html,
         l: Layout::for_user(
             a,
             current

@@ -28,6 +28,9 @@ pub enum AppError {
     Conflict(String),
     #[error("too large")]
     TooLarge,
+    /// A usage allowance is used up; the message says which and what to do.
+    #[error("quota exceeded")]
+    Quota(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -63,6 +66,7 @@ impl AppError {
                 f.first().map(|e| e.message.clone()).unwrap_or_else(|| "入力内容を確認してください。".into()),
             ),
             AppError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m.clone()),
+            AppError::Quota(m) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", m.clone()),
             AppError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", "送信されたデータが大きすぎます。".to_string()),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "システムで問題が発生しました。時間をおいて再度お試しください。解決しない場合は管理者に連絡してください。".to_string()),
         };

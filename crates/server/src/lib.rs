@@ -4,6 +4,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod assets;
+pub mod charts;
 pub mod chat;
 pub mod chat_web;
 pub mod cli;
@@ -16,6 +17,8 @@ pub mod models_admin;
 pub mod openapi;
 pub mod ops;
 pub mod pages;
+pub mod usage;
+pub mod usage_web;
 
 use app::{AppState, Shared};
 use config::Config;
@@ -103,6 +106,7 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         llm_clients: Default::default(),
         tenants: app::TtlCache::new(std::time::Duration::from_secs(5)),
         catalogs: app::TtlCache::new(std::time::Duration::from_secs(5)),
+        meter: Default::default(),
     }))
 }
 

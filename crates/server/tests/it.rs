@@ -707,6 +707,7 @@ async fn authorisation_matrix_over_every_api_route() {
         include_str!("../src/api.rs"),
         include_str!("../src/chat_web.rs"),
         include_str!("../src/models_admin.rs"),
+        include_str!("../src/usage_web.rs"),
     ] {
         let table = src.split("pub fn routes").nth(1).unwrap();
         in_source.extend(
@@ -2059,5 +2060,452 @@ async fn conversations_survive_a_restart_with_timings_and_counts() {
     assert!(!c["messages"][1]["content"].as_str().unwrap().is_empty());
     openai.stop().await;
     anthropic.stop().await;
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- usage (M4)
+
+async fn dept_id(a: &Client, path: &str) -> String {
+    let (_, depts) = a.get_json("/api/v1/admin/departments").await;
+    depts["departments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["path"] == path)
+        .unwrap_or_else(|| panic!("no department {path}: {depts}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn new_conversation(c: &Client) -> String {
+    let (st, conv) = c.post_json("/api/v1/conversations", &json!({})).await;
+    assert_eq!(st, StatusCode::CREATED, "{conv}");
+    conv["id"].as_str().unwrap().to_string()
+}
+
+/// Sends and reads the whole answer: (status, events).
+async fn ask(c: &Client, model: &str, content: &str) -> (StatusCode, Vec<(String, Value)>, Value) {
+    let conv = new_conversation(c).await;
+    let r = send(c, &conv, model, content).await;
+    let st = r.status();
+    if st.is_success() {
+        (st, sse_events(r).await, Value::Null)
+    } else {
+        (st, Vec::new(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+async fn used(s: &TestServer, scope: &str) -> i64 {
+    let month = domain::usage::Month::of(s.now()).key();
+    let m = s
+        .state
+        .store
+        .usage_used(s.tenant_id(), &month, &[scope.to_string()])
+        .await
+        .unwrap();
+    m.get(scope).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn usage_counts_characters_warns_and_stops_at_each_limit() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    // Five characters out for every answer.
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["回答".into(), "です。".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (staff, staff_user) = s.signed_in("zeimu1", "税務部/課税課", Role::User).await;
+    let (staff2, _) = s.signed_in("zeimu2", "税務部/納税課", Role::User).await;
+    let (other, _) = s.signed_in("fukushi1", "福祉部", Role::User).await;
+    let zeimu = dept_id(&a, "税務部").await;
+    let kazei = dept_id(&a, "税務部/課税課").await;
+
+    // Counting: the message as sent (CRLF is one line break, half-width kana and emoji by
+    // scalar value); the conversation's earlier turns are context, shown but not counted.
+    let conv = new_conversation(&staff).await;
+    let ev = sse_events(send(&staff, &conv, &model, "ｶﾞ１\r\n😀").await).await;
+    let usage = &ev.iter().find(|(n, _)| n == "usage").unwrap().1;
+    assert_eq!(usage["input_chars"], 5, "{usage}");
+    assert_eq!(usage["output_chars"], 5);
+    assert_eq!(usage["context_chars"], 0);
+    assert_eq!(usage["counted_chars"], 10);
+    let ev = sse_events(send(&staff, &conv, &model, "続けて").await).await;
+    let usage = &ev.iter().find(|(n, _)| n == "usage").unwrap().1;
+    assert_eq!(
+        usage["context_chars"], 10,
+        "the first question and answer: {usage}"
+    );
+    assert_eq!(usage["counted_chars"], 8);
+    assert_eq!(used(&s, "tenant").await, 18);
+    assert_eq!(used(&s, &format!("d:{zeimu}")).await, 18);
+    assert_eq!(used(&s, &format!("d:{kazei}")).await, 18);
+    assert_eq!(used(&s, &format!("u:{}", staff_user.id)).await, 18);
+
+    // Bad input on the limits page: clear Japanese, nothing saved.
+    for (value, needle) in [
+        ("-5", "負の値"),
+        ("abc", "整数"),
+        ("0", "1文字以上"),
+        ("999999999999999", "大きすぎます"),
+        ("", "入力してください"),
+    ] {
+        let r = a
+            .post_form("/admin/usage", &[("monthly_chars", value)])
+            .await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{value}");
+        assert!(r.text().await.unwrap().contains(needle), "{value}");
+    }
+    let alloc = |id: &str| format!("alloc_{id}");
+    let r = a
+        .post_form("/admin/usage/allocations", &[(&alloc(&zeimu), "6,000,000")])
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("全体の上限（5,000,000文字）を超えています"));
+    let r = a
+        .post_form(
+            "/admin/usage/allocations",
+            &[(&alloc(&zeimu), "100"), (&alloc(&kazei), "200")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("上位の税務部への配分"));
+    let r = a
+        .post_form(
+            "/admin/usage/allocations",
+            &[(&alloc(&"0".repeat(32)), "100")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "an unknown department");
+    let (_, u) = a.get_json("/api/v1/usage").await;
+    assert_eq!(u["tenant"]["allocations"], json!([]), "nothing saved: {u}");
+    let (st, body) = a.get_json("/api/v1/usage?month=2099-01").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("未来の月"));
+    let (st, _) = a.get_json("/api/v1/usage?month=2026-13").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let r = a
+        .post_form(
+            "/admin/usage/caps",
+            &[("login_id", "nobody"), ("monthly_chars_cap", "10")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("見つかりません"));
+    // Staff cannot set limits.
+    let r = staff
+        .post_form("/admin/usage", &[("monthly_chars", "1")])
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // 税務部 gets 100 characters; it has used 18.
+    let r = a
+        .post_form("/admin/usage/allocations", &[(&alloc(&zeimu), "100")])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    // Each question of 5 characters with its answer of 5 counts 10.
+    let mut answered = 0;
+    let refusal = loop {
+        let (st, _, body) = ask(&staff2, &model, "一二三四五").await;
+        if st == StatusCode::TOO_MANY_REQUESTS {
+            break body;
+        }
+        assert_eq!(st, StatusCode::OK);
+        answered += 1;
+        if used(&s, &format!("d:{zeimu}")).await == 88 {
+            // At 80 % and above, the meter warns.
+            let (_, u) = staff2.get_json("/api/v1/usage").await;
+            let d = u["limits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["kind"] == "department")
+                .unwrap()
+                .clone();
+            assert_eq!(d["level"], "warning", "{u}");
+            assert_eq!(d["remaining"], 12);
+            let (_, html) = staff2.get_text("/usage/meter").await;
+            assert!(html.contains("税務部への配分の88%を使いました"), "{html}");
+        }
+        assert!(answered < 20, "the allocation never stopped anything");
+    };
+    assert_eq!(refusal["error"]["code"], "quota_exceeded");
+    // 2 characters remain: a 5-character question does not fit, a 2-character one does.
+    assert!(
+        refusal["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("このメッセージ（5文字）は今月の税務部への配分の残り（2文字）を超えるため"),
+        "{refusal}"
+    );
+    assert_eq!(used(&s, &format!("d:{zeimu}")).await, 98);
+    let (st, _, _) = ask(&staff, &model, "二字").await;
+    assert_eq!(
+        st,
+        StatusCode::OK,
+        "a running stream finishes even past the limit"
+    );
+    assert_eq!(used(&s, &format!("d:{zeimu}")).await, 105);
+    let (_, html) = staff.get_text("/usage/meter").await;
+    assert!(html.contains("使い切ったため"), "{html}");
+    let (st, _, body) = ask(&staff, &model, "一").await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("今月の税務部への配分（100文字）を使い切ったため"),
+        "{body}"
+    );
+    // Another department is not touched by 税務部's allocation.
+    let (st, _, _) = ask(&other, &model, "福祉の質問").await;
+    assert_eq!(st, StatusCode::OK);
+
+    // A cap for one member of staff.
+    let (fcli, fuser) = s.signed_in("fukushi2", "福祉部", Role::User).await;
+    let r = a
+        .post_form(
+            "/admin/usage/caps",
+            &[("login_id", "fukushi2"), ("monthly_chars_cap", "20")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    for _ in 0..2 {
+        assert_eq!(ask(&fcli, &model, "一二三四五").await.0, StatusCode::OK);
+    }
+    let (st, _, body) = ask(&fcli, &model, "一二三四五").await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("あなたの利用上限"));
+    assert_eq!(used(&s, &format!("u:{}", fuser.id)).await, 20);
+
+    // The whole city: lowering below an allocation is refused; then set just above use.
+    let r = a
+        .post_form("/admin/usage", &[("monthly_chars", "50")])
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("税務部"));
+    let tenant_used = used(&s, "tenant").await;
+    let limit = (tenant_used + 100).to_string();
+    let r = a
+        .post_form("/admin/usage", &[("monthly_chars", &limit)])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let mut n = 0;
+    let refusal = loop {
+        let (st, _, body) = ask(&other, &model, "一二三四五").await;
+        if st != StatusCode::OK {
+            break body;
+        }
+        n += 1;
+        assert!(n < 20);
+    };
+    assert!(
+        refusal["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("今月の全体"),
+        "{refusal}"
+    );
+    // Overrun allowed: requests go on and are flagged for the admins.
+    let r = a
+        .post_form(
+            "/admin/usage",
+            &[("monthly_chars", &limit), ("allow_overrun", "on")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(ask(&other, &model, "一二三四五").await.0, StatusCode::OK);
+    let (_, u) = a.get_json("/api/v1/usage").await;
+    assert_eq!(u["tenant"]["totals"]["over_limit"], 1, "{u}");
+    assert_eq!(u["tenant"]["level"], "exhausted");
+    let (_, page) = a.get_text("/usage?view=tenant").await;
+    assert!(page.contains("上限を超えた状態での利用が1回"));
+    assert!(page.contains("<svg class=\"chart\""));
+    // Staff see only their own figures; the tenant view is not theirs.
+    let (_, mine) = staff.get_json("/api/v1/usage").await;
+    assert!(mine.get("tenant").is_none() && mine.get("department").is_none());
+    let r = staff.get("/usage?view=tenant").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = staff
+        .get(&format!("/usage?view=department&department={zeimu}"))
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // The CSV opens in a spreadsheet: BOM, CRLF, one row per day.
+    let r = a.get("/usage/export.csv?view=tenant&table=daily").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(&bytes[..3], b"\xEF\xBB\xBF");
+    let text = String::from_utf8(bytes[3..].to_vec()).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], "日付,計上文字数,累計,上限");
+    assert_eq!(lines.len(), 31, "April has 30 days: {text}");
+    assert!(lines[1].starts_with("2026-04-01,"));
+    let r = a.get("/usage/export.csv?view=tenant&table=users").await;
+    let text = r.text().await.unwrap();
+    assert!(text.contains("zeimu2"));
+    // Every change of a limit is on the audit record.
+    let (_, audit) = a
+        .get_json("/api/v1/admin/audit?action=usage.allocation")
+        .await;
+    assert!(audit["total"].as_i64().unwrap() >= 1, "{audit}");
+    fake.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_at_each_limit_never_pass_it_by_more_than_those_in_flight() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    // Answers of 1,000 characters in ten chunks, slow enough to overlap.
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: (0..10).map(|_| "あ".repeat(100)).collect(),
+        delay_ms: 5,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (c, u) = s.signed_in("keisan1", "会計課", Role::User).await;
+    let dept = dept_id(&a, "会計課").await;
+    let cost = 1_004; // "一二三四" and the answer
+    for (scope, set) in [
+        (format!("u:{}", u.id), "cap"),
+        (format!("d:{dept}"), "allocation"),
+        ("tenant".to_string(), "tenant"),
+    ] {
+        let base = used(&s, &scope).await;
+        let limit = base + 8_000;
+        let r = match set {
+            "cap" => {
+                a.post_form(
+                    "/admin/usage/caps",
+                    &[
+                        ("login_id", "keisan1"),
+                        ("monthly_chars_cap", &limit.to_string()),
+                    ],
+                )
+                .await
+            }
+            "allocation" => {
+                a.post_form(
+                    "/admin/usage/allocations",
+                    &[(&format!("alloc_{dept}"), &limit.to_string())],
+                )
+                .await
+            }
+            _ => {
+                a.post_form("/admin/usage", &[("monthly_chars", &limit.to_string())])
+                    .await
+            }
+        };
+        assert_eq!(r.status(), StatusCode::SEE_OTHER, "{set}");
+        let mut waves = 0;
+        let mut max_in_flight = 0;
+        loop {
+            waves += 1;
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let c = Client {
+                    http: c.http.clone(),
+                    base: c.base.clone(),
+                    csrf: std::sync::Mutex::new(Some(c.csrf())),
+                };
+                let model = model.clone();
+                tasks.push(tokio::spawn(async move {
+                    ask(&c, &model, "一二三四").await
+                }));
+            }
+            let mut ok = 0;
+            for t in tasks {
+                let (st, _, body) = t.await.unwrap();
+                match st {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        assert_eq!(body["error"]["code"], "quota_exceeded")
+                    }
+                    other => panic!("{other}: {body}"),
+                }
+            }
+            max_in_flight = max_in_flight.max(ok);
+            if ok == 0 {
+                break;
+            }
+            assert!(waves < 30, "{set}: the limit never stopped anything");
+        }
+        let total = used(&s, &scope).await - base;
+        // Holds never add up past the limit; only the last hold, cut to what was left,
+        // can be passed, by one answer.
+        assert!(total <= 8_000 + cost, "{set}: {total}");
+        assert!(total <= 8_000 + max_in_flight * cost, "{set}: {total}");
+        assert!(
+            total > 8_000 - 4,
+            "{set}: the allowance was used to the end: {total}"
+        );
+        assert!(max_in_flight >= 2, "{set}: requests did run side by side");
+        // Lift this limit for the next scope.
+        match set {
+            "cap" => {
+                a.post_form(
+                    "/admin/usage/caps",
+                    &[("login_id", "keisan1"), ("monthly_chars_cap", "")],
+                )
+                .await;
+            }
+            "allocation" => {
+                a.post_form(
+                    "/admin/usage/allocations",
+                    &[(&format!("alloc_{dept}"), "")],
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+    fake.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn months_roll_over_at_midnight_in_japan() {
+    let s = chat_server().await;
+    // 2026-04-30 23:58 JST.
+    s.clock.set_ms(1_777_561_080_000);
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["はい".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (c, _) = s.signed_in("getsumatsu", "総務部", Role::User).await;
+    assert_eq!(ask(&c, &model, "四月の質問").await.0, StatusCode::OK);
+    s.clock.advance_ms(3 * MINUTE_MS); // 00:01 JST on 1 May
+    assert_eq!(ask(&c, &model, "五月").await.0, StatusCode::OK);
+    let (_, may) = c.get_json("/api/v1/usage").await;
+    assert_eq!(may["month"], "2026-05");
+    assert_eq!(may["me"]["counted_chars"], 4);
+    let (_, april) = c.get_json("/api/v1/usage?month=2026-04").await;
+    assert_eq!(april["me"]["counted_chars"], 7);
+    assert_eq!(april["me"]["daily"][0]["day"], 30);
+    assert!(
+        april["me"]["forecast"].is_null(),
+        "a past month has no forecast"
+    );
+    // 1 June is still in the future on 1 May.
+    let (st, _) = c.get_json("/api/v1/usage?month=2026-06").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    fake.stop().await;
     s.stop().await;
 }

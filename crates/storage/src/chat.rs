@@ -726,8 +726,12 @@ impl Store {
         end: &AnswerEnd,
         user_id: &str,
         now: i64,
+        usage: Option<&crate::UsageRecord>,
     ) -> Result<()> {
         let mut tx = self.write_tx().await?;
+        if let Some(u) = usage {
+            crate::usage::insert_usage(&mut tx, u).await?;
+        }
         sqlx::query(
             "UPDATE messages SET content = $1, status = $2, error_code = $3, error_detail = $4, output_chars = $5, input_tokens = $6, \
              output_tokens = $7, ttft_ms = $8, total_ms = $9 WHERE tenant_id = $10 AND id = $11",

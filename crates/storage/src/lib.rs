@@ -14,6 +14,7 @@ mod imports;
 mod migrate;
 mod sessions;
 mod tenants;
+mod usage;
 mod users;
 
 pub use audit::{AuditEvent, AuditFilter, ChainReport};
@@ -24,6 +25,7 @@ pub use departments::Department;
 pub use imports::{ImportOutcome, PendingImport};
 pub use sessions::{AttemptRecord, LoginAttempt, Session};
 pub use tenants::Tenant;
+pub use usage::{scopes_for, UsageFilter, UsageRecord, UsageReport, UsageTotals, UserUsage};
 pub use users::{NewUser, User, UserFilter, UserStatus, UserUpdate};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};

@@ -27,6 +27,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0003_attachments.sql"),
         postgres: include_str!("../migrations/postgres/0003_attachments.sql"),
     },
+    Migration {
+        version: 4,
+        sqlite: include_str!("../migrations/sqlite/0004_usage.sql"),
+        postgres: include_str!("../migrations/postgres/0004_usage.sql"),
+    },
 ];
 
 const LOCK_KEY: i64 = 0x7961_6b75_6261; // "yakuba"

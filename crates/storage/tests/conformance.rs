@@ -996,7 +996,9 @@ async fn providers_models_conversations_and_answers() {
             total_ms: 90,
             ..Default::default()
         };
-        s.finish_answer(&t.id, &a, &end, &u.id, 30).await.unwrap();
+        s.finish_answer(&t.id, &a, &end, &u.id, 30, None)
+            .await
+            .unwrap();
         let m = s.message(&t.id, &a).await.unwrap();
         assert_eq!(
             (m.status.as_str(), m.output_chars, m.ttft_ms),
@@ -1019,7 +1021,9 @@ async fn providers_models_conversations_and_answers() {
             total_ms: 5,
             ..Default::default()
         };
-        s.finish_answer(&t.id, &a2, &end, &u.id, 50).await.unwrap();
+        s.finish_answer(&t.id, &a2, &end, &u.id, 50, None)
+            .await
+            .unwrap();
         assert_eq!(
             s.list_failures(&t.id, 10).await.unwrap()[0].2,
             "rate_limited"
