@@ -623,9 +623,14 @@ impl Answer {
                 tracing::error!(outcome = ?other.map(|r| r.map(|_| ())), "could not record a chat turn");
                 // The provider still did the work: its characters count.
                 let usage = self.metered.settle(status, &content, &end, None);
-                if let Err(e) = self.state.store.record_usage(&usage).await {
-                    tracing::error!(error = %e, "could not record usage of an unrecorded answer");
+                let mut metered = self.metered;
+                match self.state.store.record_usage(&usage).await {
+                    Ok(()) => metered.hold.settled(usage.counted_chars),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not record usage of an unrecorded answer")
+                    }
                 }
+                drop(metered);
                 if !cancelled {
                     let p = Payload::Error {
                         code: "record_failed".into(),
@@ -640,7 +645,8 @@ impl Answer {
         let usage = self
             .metered
             .settle(status, &content, &end, Some(&answer_id));
-        if let Err(e) = self
+        let mut hold = self.metered.hold;
+        match self
             .state
             .store
             .finish_answer(
@@ -653,10 +659,11 @@ impl Answer {
             )
             .await
         {
-            tracing::error!(error = %e, "could not store the end of an answer");
+            Ok(()) => hold.settled(usage.counted_chars),
+            Err(e) => tracing::error!(error = %e, "could not store the end of an answer"),
         }
         // The hold ends only now that the real count is stored.
-        drop(self.metered.hold);
+        drop(hold);
         if cancelled {
             return;
         }

@@ -86,6 +86,7 @@ pub async fn open_store(config: &Config, now: i64) -> Result<(Store, String), St
 /// Builds the shared state for a running server.
 pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared, StartError> {
     let (store, default_tenant_id) = open_store(&config, clock.now_ms()).await?;
+    let sqlite = store.backend() == storage::Backend::Sqlite;
     let cost = config.hash_cost();
     let dummy_hash = tokio::task::spawn_blocking(move || {
         domain::password::hash(&domain::ids::random_token(16), cost)
@@ -106,7 +107,7 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         llm_clients: Default::default(),
         tenants: app::TtlCache::new(std::time::Duration::from_secs(5)),
         catalogs: app::TtlCache::new(std::time::Duration::from_secs(5)),
-        meter: Default::default(),
+        meter: Arc::new(usage::Meter::new(sqlite)),
     }))
 }
 

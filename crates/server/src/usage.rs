@@ -1,12 +1,16 @@
 //! The check before each chat request against the monthly allowances (M4), and the
 //! settlement after it.
 //!
-//! Settled use is read from the database's running totals (so every node sees what every
-//! other node settled); characters held by requests still running live in this process's
-//! [`Meter`]. On the embedded SQLite setup there is one process, so the check is exact;
-//! with several nodes on PostgreSQL a node does not see the holds of the others, which
-//! lets a limit be passed by at most the requests in flight elsewhere — the tolerance the
-//! requirement sets. A hold is memory only: a crash can never leave one behind.
+//! Characters held by requests still running live in this process's [`Meter`]; a hold is
+//! memory only, so a crash can never leave one behind. Settled use comes from the
+//! database's running totals:
+//! - on the embedded SQLite setup there is one process, so the meter keeps the settled
+//!   totals in memory too (read once per scope and month, then added to as requests
+//!   settle) and the check is exact and touches no disk;
+//! - with several nodes on PostgreSQL every check reads the totals (so each node sees what
+//!   the others settled); a node does not see the holds of the others, which lets a limit be
+//!   passed by at most the requests in flight elsewhere — the tolerance the requirement
+//!   sets.
 
 use crate::app::{Authed, Catalog, Shared};
 use crate::error::{AppError, AppResult};
@@ -84,10 +88,17 @@ pub fn placement(a: &Authed, catalog: &Catalog) -> Placement {
     Placement { dept_chain, scopes }
 }
 
+type Key = (String, String, String);
+
 #[derive(Default)]
 struct Inner {
     /// (tenant, month, scope) → characters held.
-    held: HashMap<(String, String, String), i64>,
+    held: HashMap<Key, i64>,
+    /// (tenant, month, scope) → characters settled, when the meter keeps them (SQLite).
+    /// A scope is loaded before any hold on it exists, so every settlement of a hold lands
+    /// either in the loaded figure (committed before the load read it — impossible, the
+    /// hold did not exist) or is added here when the hold ends.
+    settled: HashMap<Key, i64>,
     /// Bumped per tenant whenever a hold ends, so a check can tell that a settlement
     /// landed between its read of the totals and its look at the holds.
     generation: HashMap<String, u64>,
@@ -97,9 +108,18 @@ struct Inner {
 #[derive(Default)]
 pub struct Meter {
     inner: Mutex<Inner>,
+    /// Keep settled totals in memory: only when this process is the only writer (SQLite).
+    keep_settled: bool,
 }
 
 impl Meter {
+    pub fn new(keep_settled: bool) -> Meter {
+        Meter {
+            inner: Mutex::default(),
+            keep_settled,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock leaves plain numbers behind; keep going.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -133,7 +153,16 @@ pub struct Hold {
     month: String,
     keys: Vec<String>,
     amount: i64,
+    /// The real count, once it is stored.
+    settled: Option<i64>,
     pub over_limit: bool,
+}
+
+impl Hold {
+    /// The request's real count has been committed to the database.
+    pub fn settled(&mut self, counted: i64) {
+        self.settled = Some(counted);
+    }
 }
 
 impl Drop for Hold {
@@ -146,6 +175,9 @@ impl Drop for Hold {
                 if *v <= 0 {
                     inner.held.remove(&key);
                 }
+            }
+            if let (Some(c), Some(v)) = (self.settled, inner.settled.get_mut(&key)) {
+                *v += c;
             }
         }
         *inner.generation.entry(self.tenant_id.clone()).or_default() += 1;
@@ -168,19 +200,50 @@ pub async fn reserve(
     let limited: Vec<&Scope> = scopes.iter().filter(|s| s.limit.is_some()).collect();
     let limited_keys: Vec<String> = limited.iter().map(|s| s.key.clone()).collect();
     let meter = &state.meter;
+    let key = |k: &str| (tenant_id.to_string(), month.clone(), k.to_string());
     let mut attempt = 0;
     loop {
         attempt += 1;
         let before = meter.generation(tenant_id);
-        let used = state
-            .store
-            .usage_used(tenant_id, &month, &limited_keys)
-            .await?;
+        let used: HashMap<String, i64> = if meter.keep_settled {
+            // Every scope of the request, limited or not, is loaded before its hold exists.
+            let missing: Vec<String> = {
+                let inner = meter.lock();
+                keys.iter()
+                    .filter(|k| !inner.settled.contains_key(&key(k)))
+                    .cloned()
+                    .collect()
+            };
+            if missing.is_empty() {
+                HashMap::new()
+            } else {
+                state.store.usage_used(tenant_id, &month, &missing).await?
+            }
+        } else {
+            state
+                .store
+                .usage_used(tenant_id, &month, &limited_keys)
+                .await?
+        };
         let mut inner = meter.lock();
-        let now = inner.generation.get(tenant_id).copied().unwrap_or(0);
-        if now != before && attempt < 4 {
-            // A request settled while the totals were read: read them again.
-            continue;
+        let settled_of = |inner: &Inner, k: &str| -> i64 {
+            if meter.keep_settled {
+                inner.settled.get(&key(k)).copied().unwrap_or(0)
+            } else {
+                used.get(k).copied().unwrap_or(0)
+            }
+        };
+        if meter.keep_settled {
+            for k in &keys {
+                let v = used.get(k).copied().unwrap_or(0);
+                inner.settled.entry(key(k)).or_insert(v);
+            }
+        } else {
+            let now = inner.generation.get(tenant_id).copied().unwrap_or(0);
+            if now != before && attempt < 4 {
+                // A request settled while the totals were read: read them again.
+                continue;
+            }
         }
         let standings: Vec<Standing> = limited
             .iter()
@@ -188,7 +251,7 @@ pub async fn reserve(
                 kind: s.kind,
                 name: s.name.clone(),
                 limit: s.limit.unwrap_or(i64::MAX),
-                used: used.get(&s.key).copied().unwrap_or(0),
+                used: settled_of(&inner, &s.key),
                 reserved: inner
                     .held
                     .get(&(tenant_id.to_string(), month.clone(), s.key.clone()))
@@ -220,6 +283,7 @@ pub async fn reserve(
                     month,
                     keys,
                     amount: reserve,
+                    settled: None,
                     over_limit,
                 })
             }

@@ -152,18 +152,24 @@ pub(crate) async fn insert_usage(conn: &mut sqlx::AnyConnection, rec: &UsageReco
     .execute(&mut *conn)
     .await?;
     if rec.counted_chars != 0 {
-        for scope in rec.scopes() {
-            sqlx::query(
-                "INSERT INTO usage_counters (tenant_id, month, scope, used) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (tenant_id, month, scope) DO UPDATE SET used = usage_counters.used + excluded.used",
-            )
+        // One statement for every scope: the writer is shared, so fewer round trips matter.
+        let scopes = rec.scopes();
+        let rows: Vec<String> = (0..scopes.len())
+            .map(|i| format!("($1, $2, ${}, $3)", i + 4))
+            .collect();
+        let sql = format!(
+            "INSERT INTO usage_counters (tenant_id, month, scope, used) VALUES {} \
+             ON CONFLICT (tenant_id, month, scope) DO UPDATE SET used = usage_counters.used + excluded.used",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql)
             .bind(&rec.tenant_id)
             .bind(&rec.month)
-            .bind(scope)
-            .bind(rec.counted_chars)
-            .execute(&mut *conn)
-            .await?;
+            .bind(rec.counted_chars);
+        for scope in &scopes {
+            q = q.bind(scope);
         }
+        q.execute(&mut *conn).await?;
     }
     Ok(())
 }

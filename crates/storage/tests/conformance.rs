@@ -1069,3 +1069,198 @@ async fn providers_models_conversations_and_answers() {
         db.finish().await;
     }
 }
+
+#[tokio::test]
+async fn usage_records_counters_and_reports() {
+    for db in backends().await {
+        let s = &db.store;
+        let t = s
+            .create_tenant("usage", "利用市", None, 1_000, ev("cli"))
+            .await
+            .unwrap();
+        let other = s
+            .create_tenant("usage2", "よそ町", Some("u2.example"), 1_000, ev("cli"))
+            .await
+            .unwrap();
+        let top = s
+            .ensure_department_path(&t.id, "税務部", 1_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        let sub = s
+            .ensure_department_path(&t.id, "税務部/課税課", 1_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        let fuku = s
+            .ensure_department_path(&t.id, "福祉部", 1_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        let rec = |user: &str, dept: &Department, chain: Vec<String>, day: i64, counted: i64| {
+            UsageRecord {
+                tenant_id: t.id.clone(),
+                month: "2026-11".into(),
+                day,
+                at: 1_000,
+                user_id: user.into(),
+                user_login: user.into(),
+                user_name: format!("職員 {user}"),
+                department_id: Some(dept.id.clone()),
+                department_path: dept.path.clone(),
+                dept_chain: chain,
+                model_id: None,
+                model_name: "モデルA".into(),
+                message_id: None,
+                status: "complete".into(),
+                input_chars: counted / 2,
+                output_chars: counted - counted / 2,
+                context_chars: 7,
+                counted_chars: counted,
+                input_tokens: Some(3),
+                output_tokens: None,
+                over_limit: day == 3,
+            }
+        };
+        let kazei = vec![top.id.clone(), sub.id.clone()];
+        s.record_usage(&rec("u1", &sub, kazei.clone(), 1, 100))
+            .await
+            .unwrap();
+        s.record_usage(&rec("u1", &sub, kazei.clone(), 3, 50))
+            .await
+            .unwrap();
+        s.record_usage(&rec("u2", &top, vec![top.id.clone()], 3, 30))
+            .await
+            .unwrap();
+        s.record_usage(&rec("u3", &fuku, vec![fuku.id.clone()], 2, 1_000))
+            .await
+            .unwrap();
+        // A failed request with nothing back counts nothing, and touches no counter.
+        s.record_usage(&rec("u3", &fuku, vec![fuku.id.clone()], 2, 0))
+            .await
+            .unwrap();
+        let keys: Vec<String> = vec![
+            "tenant".into(),
+            format!("d:{}", top.id),
+            format!("d:{}", sub.id),
+            format!("d:{}", fuku.id),
+            "u:u1".into(),
+            "u:nobody".into(),
+        ];
+        let used = s.usage_used(&t.id, "2026-11", &keys).await.unwrap();
+        assert_eq!(used["tenant"], 1_180);
+        assert_eq!(
+            used[&format!("d:{}", top.id)],
+            180,
+            "a department includes the ones below"
+        );
+        assert_eq!(used[&format!("d:{}", sub.id)], 150);
+        assert_eq!(used[&format!("d:{}", fuku.id)], 1_000);
+        assert_eq!(used["u:u1"], 150);
+        assert!(!used.contains_key("u:nobody"));
+        assert!(s
+            .usage_used(&t.id, "2026-10", &keys)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(s
+            .usage_used(&other.id, "2026-11", &keys)
+            .await
+            .unwrap()
+            .is_empty());
+
+        let all = s
+            .usage_report(&t.id, "2026-11", &UsageFilter::default(), 2)
+            .await
+            .unwrap();
+        assert_eq!(all.totals.requests, 5);
+        assert_eq!(all.totals.counted_chars, 1_180);
+        assert_eq!(all.totals.context_chars, 35);
+        assert_eq!(all.totals.input_tokens, 15);
+        assert_eq!(all.totals.output_tokens, 0);
+        assert_eq!(all.totals.over_limit, 2);
+        assert_eq!(all.daily, vec![(1, 100), (2, 1_000), (3, 80)]);
+        assert_eq!(all.by_department[0].0, "福祉部");
+        assert_eq!(all.by_model.len(), 1);
+        assert_eq!(all.top_users.len(), 2);
+        assert_eq!(all.top_users[0].login_id, "u3");
+        assert_eq!(all.top_users[1].totals.counted_chars, 150);
+        // A department subtree, by its chain.
+        let zeimu = s
+            .usage_report(
+                &t.id,
+                "2026-11",
+                &UsageFilter {
+                    user_id: None,
+                    dept_chain: Some(top.id.clone()),
+                },
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(zeimu.totals.counted_chars, 180);
+        assert_eq!(zeimu.by_department.len(), 2);
+        let me = s
+            .usage_report(
+                &t.id,
+                "2026-11",
+                &UsageFilter {
+                    user_id: Some("u2".into()),
+                    dept_chain: None,
+                },
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(me.totals.counted_chars, 30);
+        assert!(me.top_users.is_empty());
+        let months = s
+            .usage_by_month(
+                &t.id,
+                &["2026-10".into(), "2026-11".into()],
+                &UsageFilter::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            months,
+            vec![("2026-10".into(), 0), ("2026-11".into(), 1_180)]
+        );
+
+        // Allocations and caps: all or nothing, audited, gone with their department.
+        s.set_usage_allocations(
+            &t.id,
+            &[(top.id.clone(), Some(300_000)), (fuku.id.clone(), Some(5))],
+            2_000,
+            ev_t(&t.id),
+        )
+        .await
+        .unwrap();
+        s.set_usage_allocations(&t.id, &[(fuku.id.clone(), None)], 2_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        let alloc = s.usage_allocations(&t.id).await.unwrap();
+        assert_eq!(alloc.len(), 1);
+        assert_eq!(alloc[&top.id], 300_000);
+        assert!(s.usage_allocations(&other.id).await.unwrap().is_empty());
+        let u = s
+            .create_user(&new_user(&t.id, "capped", &sub.id, Role::User), ev_t(&t.id))
+            .await
+            .unwrap();
+        s.set_usage_user_cap(&t.id, &u.id, Some(42), 2_000, ev_t(&t.id))
+            .await
+            .unwrap();
+        assert_eq!(s.usage_user_caps(&t.id).await.unwrap()[&u.id], 42);
+        let capped = s.usage_capped_users(&t.id).await.unwrap();
+        assert_eq!(
+            capped,
+            vec![(
+                "capped".into(),
+                "職員 capped".into(),
+                "税務部/課税課".into(),
+                42
+            )]
+        );
+        for r in s.verify_audit().await.unwrap() {
+            assert!(r.result.is_ok(), "{}", r.tenant_id);
+        }
+        db.finish().await;
+    }
+}
