@@ -721,6 +721,25 @@ pub async fn import_apply(
 pub async fn update_settings(state: &Shared, a: &Authed, s: &TenantSettings) -> AppResult<()> {
     require_tenant_admin(a)?;
     s.validate().map_err(AppError::Validation)?;
+    // No department's allocation may be larger than the whole.
+    let catalog = state.catalog(&a.ctx.tenant.id).await?;
+    let mut over: Vec<&str> = catalog
+        .allocations
+        .iter()
+        .filter(|(_, v)| **v > s.usage.monthly_chars)
+        .filter_map(|(id, _)| catalog.department_paths.get(id).map(String::as_str))
+        .collect();
+    if !over.is_empty() {
+        over.sort();
+        return Err(AppError::field(
+            "usage.monthly_chars",
+            format!(
+                "全体の上限を{}文字にすると、次の部署への配分が全体を超えます: {}。先に配分を見直してください。",
+                domain::usage::grouped(s.usage.monthly_chars),
+                over.join("、")
+            ),
+        ));
+    }
     let mut clean = s.clone();
     clean.banner = validate::multi_line("ログイン画面のお知らせ", &s.banner, 2000)
         .map_err(|e| AppError::field("banner", e))?;

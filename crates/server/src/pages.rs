@@ -343,6 +343,10 @@ struct HomePage {
     login_id: String,
     department: String,
     role: &'static str,
+    /// The remaining allowance (rendered HTML).
+    meter_html: String,
+    /// Limits at or past 80 % that this admin looks after: (level, message).
+    alerts: Vec<(&'static str, String)>,
 }
 
 #[derive(Deserialize)]
@@ -351,7 +355,11 @@ struct HomeQuery {
     notice: String,
 }
 
-async fn home(a: Authed, Query(q): Query<HomeQuery>) -> AppResult<Response> {
+async fn home(
+    State(state): State<Shared>,
+    a: Authed,
+    Query(q): Query<HomeQuery>,
+) -> AppResult<Response> {
     let u = &a.auth.user;
     let notice = match q.notice.as_str() {
         "password_changed" => "パスワードを変更しました。",
@@ -366,6 +374,8 @@ async fn home(a: Authed, Query(q): Query<HomeQuery>) -> AppResult<Response> {
         login_id: u.login_id.clone(),
         department: u.department_path.clone(),
         role: u.role.label(),
+        meter_html: crate::usage_web::meter_view(&state, &a).await?.render()?,
+        alerts: crate::usage_web::admin_alerts(&state, &a).await?,
     })
 }
 

@@ -567,6 +567,59 @@ pub async fn meter_view(state: &Shared, a: &Authed) -> AppResult<MeterFragment> 
     })
 }
 
+/// Limits at or past 80 % that an admin should know of: the whole tenant (tenant admins and
+/// auditors) and the department allocations within the admin's view.
+pub async fn admin_alerts(state: &Shared, a: &Authed) -> AppResult<Vec<(&'static str, String)>> {
+    let actor = a.actor();
+    let tenant_wide = policy::can_view_tenant_usage(actor);
+    if !tenant_wide && actor.role != domain::Role::DepartmentAdmin {
+        return Ok(Vec::new());
+    }
+    let tenant_id = &a.ctx.tenant.id;
+    let catalog = state.catalog(tenant_id).await?;
+    let month = Month::of(a.ctx.now).key();
+    let mut scopes: Vec<(String, String, i64)> = Vec::new();
+    if tenant_wide {
+        scopes.push((
+            "tenant".into(),
+            "全体".into(),
+            a.ctx.tenant.settings.usage.monthly_chars,
+        ));
+    }
+    for (id, chars) in &catalog.allocations {
+        if let Some(path) = catalog.department_paths.get(id) {
+            if policy::view_department_usage(actor, path) == Decision::Allow {
+                scopes.push((format!("d:{id}"), format!("{path}への配分"), *chars));
+            }
+        }
+    }
+    let keys: Vec<String> = scopes.iter().map(|s| s.0.clone()).collect();
+    let used = state.store.usage_used(tenant_id, &month, &keys).await?;
+    let mut out = Vec::new();
+    for (key, name, limit) in scopes {
+        let u = used.get(&key).copied().unwrap_or(0);
+        match usage::level(u, limit) {
+            Level::Normal => {}
+            l => out.push((
+                level_class(l),
+                format!(
+                    "今月の{name}: {}文字のうち{}文字を使用（{}%）{}",
+                    grouped(limit),
+                    grouped(u),
+                    usage::percent(u, limit),
+                    if l == Level::Exhausted {
+                        "。上限に達しています。"
+                    } else {
+                        "。"
+                    }
+                ),
+            )),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 async fn meter_fragment(State(state): State<Shared>, a: Authed) -> AppResult<Response> {
     render(&meter_view(&state, &a).await?)
 }
@@ -966,28 +1019,6 @@ async fn limits_save(
             }
         }
     };
-    if let Some(m) = monthly {
-        let catalog = state.catalog(&a.ctx.tenant.id).await?;
-        let mut over: Vec<&String> = catalog
-            .allocations
-            .iter()
-            .filter(|(_, v)| **v > m)
-            .filter_map(|(id, _)| catalog.department_paths.get(id))
-            .collect();
-        over.sort();
-        if !over.is_empty() {
-            let names: Vec<&str> = over.iter().map(|s| s.as_str()).collect();
-            field(
-                &mut errors,
-                "monthly_chars",
-                format!(
-                    "全体の上限を{}文字にすると、次の部署への配分が全体を超えます: {}。先に配分を見直してください。",
-                    grouped(m),
-                    names.join("、")
-                ),
-            );
-        }
-    }
     if errors.is_empty() {
         let mut s = a.ctx.tenant.settings.clone();
         s.usage.monthly_chars = monthly.unwrap_or(s.usage.monthly_chars);

@@ -2267,6 +2267,16 @@ async fn usage_counts_characters_warns_and_stops_at_each_limit() {
             .contains("今月の税務部への配分（100文字）を使い切ったため"),
         "{body}"
     );
+    // The admins see it on their home page; staff see what is left there too.
+    let (_, home) = a.get_text("/").await;
+    assert!(
+        home.contains(
+            "今月の税務部への配分: 100文字のうち105文字を使用（105%）。上限に達しています。"
+        ),
+        "{home}"
+    );
+    let (_, home) = staff.get_text("/").await;
+    assert!(home.contains("使い切ったため") && !home.contains("今月の税務部への配分:"));
     // Another department is not touched by 税務部's allocation.
     let (st, _, _) = ask(&other, &model, "福祉の質問").await;
     assert_eq!(st, StatusCode::OK);
