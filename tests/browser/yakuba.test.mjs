@@ -445,3 +445,53 @@ test('usage: the allowance shrinks while chatting, warns at 80 % and stops at 10
   await shot(admin, '23-usage-tenant');
   await admin.context().close();
 });
+
+test('templates: staff open 税務, fill a template, see the prompt and get the answer in chat', async () => {
+  const temp = createUser('zeimu.staff', '税務部/課税課', 'user');
+  const page = await newPage();
+  await signIn(page, 'zeimu.staff', temp);
+  await page.fill('#current_password', temp);
+  await page.fill('#new_password', NEW_PASSWORD);
+  await page.fill('#confirm_password', NEW_PASSWORD);
+  await Promise.all([page.waitForLoadState('load'), page.click('main button[type=submit]')]);
+  await page.click('nav.sidenav a[href="/templates"]');
+  await page.selectOption('#category', '税務');
+  await Promise.all([page.waitForLoadState('load'), page.click('form[role=search] button[type=submit]')]);
+  const links = page.locator('.template-list a.template-title');
+  assert.ok(await links.count() >= 4);
+  await shot(page, '30-templates');
+  await Promise.all([page.waitForLoadState('load'), links.first().click()]);
+  // The guidance says what must not be entered.
+  assert.match(await page.locator('.notice-info').innerText(), /個人|マイナンバー/);
+  // Sending the empty form lists what is missing, and composes nothing.
+  await Promise.all([page.waitForLoadState('load'), page.click('#template-form button[type=submit]')]);
+  assert.match(await page.locator('#error-summary').innerText(), /入力してください|選んでください/);
+  assert.equal(await page.locator('#composed-prompt').count(), 0);
+  // Fill every field of whatever kind.
+  for (const el of await page.locator('#template-form [name^="f"]').all()) {
+    const tag = await el.evaluate((e) => e.tagName);
+    const type = await el.getAttribute('type');
+    if (tag === 'SELECT') await el.selectOption({ index: 1 });
+    else if (type === 'date') await el.fill('2026-12-01');
+    else if (tag === 'TEXTAREA') await el.fill('窓口で受けた問い合わせの内容（Aさん）');
+    else await el.fill('固定資産税');
+  }
+  await Promise.all([page.waitForLoadState('load'), page.click('#template-form button[type=submit]')]);
+  const composed = page.locator('#composed-prompt');
+  await composed.waitFor();
+  const text = await composed.inputValue();
+  assert.ok(!/\{\{|\}\}/.test(text), text);
+  assert.match(text, /あなたは/);
+  await composed.fill(`${text}\n（テンプレートから送信）`);
+  await shot(page, '31-template-composed');
+  await Promise.all([page.waitForURL(/\/chat\/[0-9a-f]{32}$/), page.click('#send-to-chat')]);
+  // The chat sends it at once and the answer arrives.
+  await page.locator('.msg-assistant .md strong').first().waitFor();
+  assert.match(await page.locator('.msg-user').first().innerText(), /テンプレートから送信/);
+  assert.match(lastBody, /テンプレートから送信/);
+  await shot(page, '32-template-chat', false);
+  // The use is counted on the list.
+  await page.goto(`${base}/templates?category=${encodeURIComponent('税務')}`);
+  assert.match(await page.locator('main').innerText(), /利用 1回/);
+  await page.context().close();
+});

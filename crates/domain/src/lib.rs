@@ -10,6 +10,7 @@ pub mod password;
 pub mod policy;
 pub mod role;
 pub mod settings;
+pub mod templates;
 pub mod time;
 pub mod usage;
 pub mod validate;

@@ -149,6 +149,62 @@ pub fn can_set_usage_limits(actor: &Actor) -> bool {
     actor.role == Role::TenantAdmin
 }
 
+/// Where a template lives, for the decisions below.
+pub enum TemplatePlace<'a> {
+    Tenant,
+    /// A department's template, by the department's path (it covers the ones below).
+    Department(&'a str),
+    /// Someone's own template, by owner id.
+    Personal(&'a str),
+}
+
+/// May the caller see (and use) a template? The same rule the storage query applies:
+/// tenant-wide ones, their own, their department's and those above it; a department admin
+/// also those below theirs; a tenant admin every department's. Anything else is "not found".
+pub fn view_template(actor: &Actor, place: &TemplatePlace<'_>) -> Decision {
+    let ok = match place {
+        TemplatePlace::Tenant => true,
+        TemplatePlace::Personal(owner) => *owner == actor.user_id,
+        TemplatePlace::Department(path) => {
+            actor.role == Role::TenantAdmin
+                || in_subtree(path, &actor.department_path)
+                || (actor.role == Role::DepartmentAdmin && in_subtree(&actor.department_path, path))
+        }
+    };
+    if ok {
+        Decision::Allow
+    } else {
+        Decision::NotFound
+    }
+}
+
+/// May the caller create, change or delete a template in this place? Their own personal
+/// ones; a department's if they administer it (department admin of it or above, tenant
+/// admin); tenant-wide ones as tenant admin.
+pub fn manage_template(actor: &Actor, place: &TemplatePlace<'_>) -> Decision {
+    if let TemplatePlace::Personal(owner) = place {
+        if *owner != actor.user_id {
+            return Decision::NotFound;
+        }
+        return Decision::Allow;
+    }
+    let ok = match place {
+        TemplatePlace::Tenant => actor.role == Role::TenantAdmin,
+        TemplatePlace::Department(path) => {
+            actor.role == Role::TenantAdmin
+                || (actor.role == Role::DepartmentAdmin && in_subtree(&actor.department_path, path))
+        }
+        TemplatePlace::Personal(_) => false,
+    };
+    if ok {
+        Decision::Allow
+    } else if view_template(actor, place) == Decision::Allow {
+        Decision::Forbidden
+    } else {
+        Decision::NotFound
+    }
+}
+
 /// Chat is for staff and admins; support operators never see chat content (S2).
 pub fn can_chat(actor: &Actor) -> bool {
     actor.role != Role::Support
@@ -278,5 +334,67 @@ mod tests {
         assert!(!can_view_tenant_usage(&dept_admin));
         assert!(can_set_usage_limits(&actor(Role::TenantAdmin, "総務部")));
         assert!(!can_set_usage_limits(&actor(Role::Auditor, "総務部")));
+    }
+
+    #[test]
+    fn templates_by_place() {
+        let staff = actor(Role::User, "税務部/課税課");
+        let dept_admin = actor(Role::DepartmentAdmin, "税務部");
+        let tenant_admin = actor(Role::TenantAdmin, "総務部");
+        let d = |p| TemplatePlace::Department(p);
+        assert_eq!(
+            view_template(&staff, &TemplatePlace::Tenant),
+            Decision::Allow
+        );
+        assert_eq!(view_template(&staff, &d("税務部")), Decision::Allow);
+        assert_eq!(view_template(&staff, &d("税務部/課税課")), Decision::Allow);
+        assert_eq!(
+            view_template(&staff, &d("税務部/納税課")),
+            Decision::NotFound
+        );
+        assert_eq!(view_template(&staff, &d("福祉部")), Decision::NotFound);
+        assert_eq!(
+            view_template(&staff, &TemplatePlace::Personal("other")),
+            Decision::NotFound
+        );
+        assert_eq!(
+            view_template(&staff, &TemplatePlace::Personal("me")),
+            Decision::Allow
+        );
+        assert_eq!(
+            view_template(&dept_admin, &d("税務部/納税課")),
+            Decision::Allow
+        );
+        assert_eq!(view_template(&tenant_admin, &d("福祉部")), Decision::Allow);
+        assert_eq!(manage_template(&staff, &d("税務部")), Decision::Forbidden);
+        assert_eq!(manage_template(&staff, &d("福祉部")), Decision::NotFound);
+        assert_eq!(
+            manage_template(&staff, &TemplatePlace::Tenant),
+            Decision::Forbidden
+        );
+        assert_eq!(
+            manage_template(&staff, &TemplatePlace::Personal("me")),
+            Decision::Allow
+        );
+        assert_eq!(
+            manage_template(&dept_admin, &d("税務部/課税課")),
+            Decision::Allow
+        );
+        assert_eq!(
+            manage_template(&dept_admin, &d("福祉部")),
+            Decision::NotFound
+        );
+        assert_eq!(
+            manage_template(&dept_admin, &TemplatePlace::Tenant),
+            Decision::Forbidden
+        );
+        assert_eq!(
+            manage_template(&tenant_admin, &TemplatePlace::Tenant),
+            Decision::Allow
+        );
+        assert_eq!(
+            manage_template(&tenant_admin, &TemplatePlace::Personal("x")),
+            Decision::NotFound
+        );
     }
 }

@@ -197,6 +197,18 @@
   }
 
   form.addEventListener('submit', function (e) { e.preventDefault(); if (!controller) send(); });
+  // A prompt composed from a template for this new conversation is sent at once.
+  var pendingKey = 'yakuba.send.' + conversation;
+  var pending = sessionStorage.getItem(pendingKey);
+  if (pending) {
+    sessionStorage.removeItem(pendingKey);
+    try {
+      var p = JSON.parse(pending);
+      prompt.value = p.content || '';
+      if (p.model_id && model.querySelector('option[value="' + p.model_id.replace(/[^0-9a-f]/g, '') + '"]')) model.value = p.model_id;
+      if (prompt.value.trim()) send();
+    } catch (e) { /* ignore a damaged entry */ }
+  }
   prompt.addEventListener('keydown', function (e) {
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); if (!controller) send(); }
   });

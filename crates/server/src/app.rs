@@ -783,6 +783,7 @@ pub fn router(state: Shared) -> Router {
         .merge(chat_web::routes(max_import))
         .merge(models_admin::routes())
         .merge(crate::usage_web::routes())
+        .merge(crate::templates_web::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .layer(DefaultBodyLimit::max(max_body));

@@ -17,6 +17,7 @@ pub mod models_admin;
 pub mod openapi;
 pub mod ops;
 pub mod pages;
+pub mod templates_web;
 pub mod usage;
 pub mod usage_web;
 

@@ -708,6 +708,7 @@ async fn authorisation_matrix_over_every_api_route() {
         include_str!("../src/chat_web.rs"),
         include_str!("../src/models_admin.rs"),
         include_str!("../src/usage_web.rs"),
+        include_str!("../src/templates_web.rs"),
     ] {
         let table = src.split("pub fn routes").nth(1).unwrap();
         in_source.extend(
@@ -2517,5 +2518,340 @@ async fn months_roll_over_at_midnight_in_japan() {
     let (st, _) = c.get_json("/api/v1/usage?month=2026-06").await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
     fake.stop().await;
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- templates (M9)
+
+const TPL_BODY: &str = "あなたは税務課の職員を支援します。\n# 件名\n{{件名}}\n# 内容\n{{内容:長文}}\n{{文体:選択=です・ます調/だ・である調}}で書いてください。{{期日?:日付}}";
+
+#[tokio::test]
+async fn templates_scopes_copy_run_and_exchange() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let (kazei, kazei_user) = s.signed_in("kazei1", "税務部/課税課", Role::User).await;
+    let (zeimu_admin, _) = s
+        .signed_in("zeimu.kanri", "税務部", Role::DepartmentAdmin)
+        .await;
+    let (fukushi, _) = s.signed_in("fukushi1", "福祉部", Role::User).await;
+    let zeimu = dept_id(&a, "税務部").await;
+    let kazei_dept = dept_id(&a, "税務部/課税課").await;
+
+    // The built-ins are listed with their fields, for everyone who chats.
+    let (st, list) = kazei.get_json("/api/v1/templates").await;
+    assert_eq!(st, StatusCode::OK);
+    let all = list["templates"].as_array().unwrap();
+    assert!(all.len() >= 40, "{}", all.len());
+    assert!(all.iter().any(|t| t["category"] == "税務"));
+    let (_, page) = kazei.get_text("/templates?category=税務").await;
+    assert!(page.contains("税務"));
+
+    // A department admin copies a built-in, edits it, and keeps it for the department.
+    let builtin = all.iter().find(|t| t["category"] == "税務").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = zeimu_admin
+        .get(&format!("/templates/new?from={builtin}"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("（コピー）"));
+    // Bad bodies: clear messages, nothing saved.
+    for (body, needle) in [
+        ("{{件名:色}}", "種類「色」は使えません"),
+        ("{{件名", "対応する"),
+        ("", "本文を入力してください"),
+    ] {
+        let r = zeimu_admin
+            .post_form(
+                "/templates/new",
+                &[
+                    ("scope", &format!("department:{zeimu}")),
+                    ("category", "税務"),
+                    ("title", "減免の説明（税務部版）"),
+                    ("body", body),
+                ],
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(r.text().await.unwrap().contains(needle), "{body}");
+    }
+    // A department admin cannot write for the whole city or for another department.
+    let r = zeimu_admin
+        .post_form(
+            "/templates/new",
+            &[
+                ("scope", "tenant"),
+                ("category", "税務"),
+                ("title", "x"),
+                ("body", "本文"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let fukushi_dept = dept_id(&a, "福祉部").await;
+    let r = zeimu_admin
+        .post_form(
+            "/templates/new",
+            &[
+                ("scope", &format!("department:{fukushi_dept}")),
+                ("category", "税務"),
+                ("title", "x"),
+                ("body", "本文"),
+            ],
+        )
+        .await;
+    assert!(r.status() == StatusCode::NOT_FOUND || r.status() == StatusCode::FORBIDDEN);
+    let r = zeimu_admin
+        .post_form(
+            "/templates/new",
+            &[
+                ("scope", &format!("department:{zeimu}")),
+                ("category", "税務"),
+                ("title", "減免の説明（税務部版）"),
+                ("purpose", "税務部の減免案内"),
+                ("body", TPL_BODY),
+                ("source", &format!("builtin:{builtin}")),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let dept_tpl = r.headers()["location"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("/templates/")
+        .to_string();
+    // Staff of the department (and below) see it; another department does not.
+    let (_, page) = kazei.get_text("/templates").await;
+    assert!(page.contains("減免の説明（税務部版）"));
+    assert!(page.contains("部署: 税務部"));
+    let (_, page) = fukushi.get_text("/templates").await;
+    assert!(!page.contains("減免の説明（税務部版）"));
+    assert_eq!(
+        fukushi
+            .get(&format!("/templates/{dept_tpl}"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let (st, _) = fukushi
+        .post_json(
+            &format!("/api/v1/templates/{dept_tpl}/compose"),
+            &json!({"values": {}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // Staff may use it but not change it.
+    let r = kazei
+        .post_form(&format!("/templates/{dept_tpl}/delete"), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // A personal template is its owner's alone.
+    let r = kazei
+        .post_form(
+            "/templates/new",
+            &[
+                ("scope", "personal"),
+                ("category", "その他"),
+                ("title", "自分用メモ"),
+                ("body", "{{メモ:長文}}を整理"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let mine = r.headers()["location"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("/templates/")
+        .to_string();
+    assert_eq!(
+        zeimu_admin
+            .get(&format!("/templates/{mine}"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.get(&format!("/templates/{mine}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let (_, theirs) = a.get_json("/api/v1/templates").await;
+    assert!(!theirs.to_string().contains("自分用メモ"));
+    // Someone else's personal scope cannot be chosen.
+    let r = zeimu_admin
+        .post_form(
+            &format!("/templates/{mine}/edit"),
+            &[
+                ("scope", "personal"),
+                ("category", "その他"),
+                ("title", "乗っ取り"),
+                ("body", "x"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // Running: required fields, choices, dates and lengths are checked; nothing is composed.
+    let r = kazei
+        .post_form(
+            &format!("/templates/{dept_tpl}/compose"),
+            &[
+                ("f0", ""),
+                ("f1", &"あ".repeat(100_001)),
+                ("f2", "敬語"),
+                ("f3", "来週"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("「件名」を入力してください"));
+    assert!(html.contains("「内容」が長すぎます"));
+    assert!(html.contains("「文体」は一覧から選んでください"));
+    assert!(html.contains("「期日」は日付"));
+    assert!(!html.contains("id=\"composed-prompt\""));
+    let r = kazei
+        .post_form(
+            &format!("/templates/{dept_tpl}/compose"),
+            &[
+                ("f0", "固定資産税の減免"),
+                ("f1", "災害で被害を受けた家屋について"),
+                ("f2", "です・ます調"),
+                ("f3", "2026-12-25"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("固定資産税の減免"), "{html}");
+    assert!(html.contains("令和8年12月25日"));
+    // The API names fields by label and refuses ones the template does not have.
+    let (st, body) = kazei
+        .post_json(&format!("/api/v1/templates/{dept_tpl}/compose"), &json!({"values": {"件名": "督促", "内容": "本文", "文体": "だ・である調", "色": "赤"}}))
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        body.to_string().contains("「色」という項目はありません"),
+        "{body}"
+    );
+    let (st, body) = kazei
+        .post_json(
+            &format!("/api/v1/templates/{dept_tpl}/compose"),
+            &json!({"values": {"件名": "督促", "内容": "本文"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["fields"][0]["field"], "文体", "{body}");
+    let (st, body) = kazei
+        .post_json(
+            &format!("/api/v1/templates/{dept_tpl}/compose"),
+            &json!({"values": {"件名": "督促", "内容": "本文", "文体": "だ・である調"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body["prompt"].as_str().unwrap().contains("# 件名\n督促\n"));
+    // Uses are counted; favourites are per person.
+    let r = kazei
+        .post_form(&format!("/templates/{dept_tpl}/favourite"), &[("on", "1")])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (_, page) = kazei.get_text("/templates?fav=1").await;
+    assert!(
+        page.contains("減免の説明（税務部版）") && page.contains("利用 2回"),
+        "{page}"
+    );
+    assert!(page.contains("id=\"template-count\">1件"));
+    let (_, page) = zeimu_admin.get_text("/templates?fav=1").await;
+    assert!(page.contains("id=\"template-count\">0件"));
+
+    // Export then import reproduces the template (into the importer's own scope).
+    let r = kazei
+        .get(&format!("/templates/{dept_tpl}/export.json"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let exported = r.bytes().await.unwrap().to_vec();
+    let form = reqwest::multipart::Form::new()
+        .text("_csrf", kazei.csrf())
+        .text("scope", "personal")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(exported.clone()).file_name("t.json"),
+        );
+    let r = kazei
+        .http
+        .post(kazei.url("/templates/import"))
+        .header("x-csrf-token", kazei.csrf())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "{:?}", r.text().await);
+    let (_, list) = kazei.get_json("/api/v1/templates").await;
+    let copies: Vec<&Value> = list["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["title"] == "減免の説明（税務部版）")
+        .collect();
+    assert_eq!(copies.len(), 2);
+    assert_eq!(copies[0]["fields"], copies[1]["fields"]);
+    assert_eq!(copies[0]["purpose"], copies[1]["purpose"]);
+    // A broken file imports nothing and says why.
+    let bad = serde_json::json!({"format": "yakuba-templates", "version": 1, "templates": [
+        {"category": "税務", "title": "良い", "body": "{{件名}}"},
+        {"category": "税務", "title": "悪い", "body": "{{件名:謎}}"}
+    ]});
+    let form = reqwest::multipart::Form::new()
+        .text("_csrf", kazei.csrf())
+        .text("scope", "personal")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(bad.to_string().into_bytes()).file_name("bad.json"),
+        );
+    let r = kazei
+        .http
+        .post(kazei.url("/templates/import"))
+        .header("x-csrf-token", kazei.csrf())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("2件目（悪い）"));
+    let (_, list) = kazei.get_json("/api/v1/templates").await;
+    assert!(!list.to_string().contains("\"良い\""), "all or nothing");
+    // Staff cannot import into the department.
+    let form = reqwest::multipart::Form::new()
+        .text("_csrf", kazei.csrf())
+        .text("scope", format!("department:{kazei_dept}"))
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(exported).file_name("t.json"),
+        );
+    let r = kazei
+        .http
+        .post(kazei.url("/templates/import"))
+        .header("x-csrf-token", kazei.csrf())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // The department admin deletes it; it is gone for everyone; all of it is audited.
+    let r = zeimu_admin
+        .post_form(&format!("/templates/{dept_tpl}/delete"), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        kazei.get(&format!("/templates/{dept_tpl}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let (_, audit) = a
+        .get_json("/api/v1/admin/audit?action=template.create")
+        .await;
+    assert!(audit["total"].as_i64().unwrap() >= 3, "{audit}");
+    let _ = kazei_user;
     s.stop().await;
 }

@@ -13,6 +13,7 @@ mod departments;
 mod imports;
 mod migrate;
 mod sessions;
+mod templates;
 mod tenants;
 mod usage;
 mod users;
@@ -24,6 +25,7 @@ pub use chat::{
 pub use departments::Department;
 pub use imports::{ImportOutcome, PendingImport};
 pub use sessions::{AttemptRecord, LoginAttempt, Session};
+pub use templates::{PromptTemplate, TemplateInput, Viewer};
 pub use tenants::Tenant;
 pub use usage::{scopes_for, UsageFilter, UsageRecord, UsageReport, UsageTotals, UserUsage};
 pub use users::{NewUser, User, UserFilter, UserStatus, UserUpdate};

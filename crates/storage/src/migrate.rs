@@ -32,6 +32,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0004_usage.sql"),
         postgres: include_str!("../migrations/postgres/0004_usage.sql"),
     },
+    Migration {
+        version: 5,
+        sqlite: include_str!("../migrations/sqlite/0005_templates.sql"),
+        postgres: include_str!("../migrations/postgres/0005_templates.sql"),
+    },
 ];
 
 const LOCK_KEY: i64 = 0x7961_6b75_6261; // "yakuba"
