@@ -138,7 +138,7 @@ pub fn department_path(value: &str) -> Result<String, String> {
 }
 
 /// True for loopback, private, link-local, unspecified and similar addresses.
-fn is_internal_ip(ip: std::net::IpAddr) -> bool {
+pub fn is_internal_ip(ip: std::net::IpAddr) -> bool {
     use std::net::IpAddr;
     match ip {
         IpAddr::V4(v4) => {
@@ -192,6 +192,8 @@ pub fn provider_url(value: &str, allow_internal: bool) -> Result<String, String>
             .unwrap_or(authority)
             .to_string()
     };
+    // `localhost.` is `localhost`: a trailing dot must not slip past the name checks.
+    let host = host.trim_end_matches('.').to_string();
     if !allow_internal {
         let internal_name = host == "localhost"
             || host.ends_with(".localhost")
@@ -271,6 +273,8 @@ mod tests {
         for bad in [
             "http://127.0.0.1:8000/v1",
             "http://localhost/v1",
+            "http://localhost.:8080/v1",
+            "http://LOCALHOST./v1",
             "http://0x7f000001/",
             "http://2130706433/",
             "http://0177.0.0.1/",

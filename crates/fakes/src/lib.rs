@@ -47,6 +47,8 @@ pub enum Script {
     },
     /// Never answers, not even with headers.
     Hang,
+    /// `302 Found` to this location (a provider must never be followed elsewhere).
+    Redirect { location: String },
     /// Sends the chunks, then ends the body without the flavour's proper end.
     CutAfter { chunks: Vec<String> },
     /// One SSE line of `bytes` bytes, written in 64 KiB pieces.
@@ -332,6 +334,11 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             };
             error_response(code, retry_after, &body)
         }
+        Script::Redirect { location } => (
+            StatusCode::FOUND,
+            [(axum::http::header::LOCATION, location)],
+        )
+            .into_response(),
         Script::Hang => {
             let _open = OpenGuard::new(&shared);
             let mut stop = shared.shutdown.clone();
@@ -768,7 +775,7 @@ fn stream_response(shared: &Arc<Shared>, sse: Sse, script: Script) -> Response {
             Script::Raw { body } => {
                 let _ = w.send(sse.frame(body, false)).await;
             }
-            Script::Status { .. } | Script::Hang => {}
+            Script::Status { .. } | Script::Hang | Script::Redirect { .. } => {}
         }
     });
     let body = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {

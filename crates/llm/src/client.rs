@@ -51,6 +51,8 @@ impl Client {
         let headers = auth_headers(&cfg)?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
+            // An API endpoint never needs a redirect; following one could lead anywhere.
+            .redirect(reqwest::redirect::Policy::none())
             // Long silent streams through NAT and proxies survive with keep-alive probes.
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .user_agent(concat!("yakuba-llm/", env!("CARGO_PKG_VERSION")));
@@ -71,6 +73,21 @@ impl Client {
                 let proxy = reqwest::Proxy::all(p.as_str())
                     .map_err(|_| LlmError::new(ErrorKind::Config, "the proxy URL is invalid"))?;
                 builder.proxy(proxy)
+            }
+            None if cfg.block_internal => {
+                let literal = base
+                    .host_str()
+                    .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+                    .and_then(|h| h.parse::<std::net::IpAddr>().ok());
+                if literal.is_some_and(domain::validate::is_internal_ip) {
+                    return Err(LlmError::new(
+                        ErrorKind::Config,
+                        "the provider URL points to an internal address",
+                    ));
+                }
+                builder
+                    .no_proxy()
+                    .dns_resolver(std::sync::Arc::new(PublicOnly))
             }
             None => builder.no_proxy(),
         };
@@ -503,5 +520,29 @@ mod tests {
             let c = Client::new(ProviderConfig::new(kind, base, "k")).unwrap();
             assert_eq!(c.prepare(&req).unwrap().0.as_str(), want, "{kind} {base}");
         }
+    }
+}
+
+/// Resolves names as usual but keeps only addresses outside loopback, private and
+/// link-local ranges, so a provider name cannot lead yakuba into the city's own network.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !domain::validate::is_internal_ip(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{host} resolves only to internal addresses"),
+                );
+                return Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }

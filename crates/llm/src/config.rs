@@ -84,6 +84,11 @@ pub struct ProviderConfig {
     pub idle_timeout: Duration,
     /// Extra attempts on 429/5xx/connect failures, only while nothing was passed on yet.
     pub max_retries: u32,
+    /// Refuse to connect to loopback, private and link-local addresses, whatever name
+    /// leads there (checked when connecting, so a name that later resolves elsewhere —
+    /// DNS rebinding — is caught too). Not applied through an egress proxy, which resolves
+    /// names itself and is the place that decides.
+    pub block_internal: bool,
 }
 
 impl ProviderConfig {
@@ -102,6 +107,7 @@ impl ProviderConfig {
             first_token_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             max_retries: 2,
+            block_internal: false,
         }
     }
 

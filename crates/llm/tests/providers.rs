@@ -742,3 +742,56 @@ fn error_json_of_the_fakes_is_parseable() {
         assert!(v.to_string().contains("busy"));
     }
 }
+
+/// With internal addresses blocked, a name that resolves to loopback is refused when
+/// connecting (so DNS rebinding cannot get round the admin-time check), a literal internal
+/// address is refused at once, and redirects are never followed.
+#[tokio::test]
+async fn internal_targets_are_refused_at_connect_and_redirects_not_followed() {
+    let fake = FakeProvider::start(Flavor::OpenAi).await;
+    let port = fake
+        .base_url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut cfg = config(&fake);
+    cfg.base_url = format!("http://localhost:{port}/v1");
+    cfg.block_internal = true;
+    cfg.max_retries = 0;
+    let r = run(&Client::new(cfg).unwrap(), &request()).await;
+    let e = r.result.unwrap_err();
+    assert!(e.to_string().contains("internal"), "{e}");
+    assert!(
+        fake.requests().is_empty(),
+        "nothing reached the internal server"
+    );
+
+    let mut cfg = config(&fake);
+    cfg.block_internal = true;
+    let e = Client::new(cfg).err().unwrap();
+    assert_eq!(e.kind, ErrorKind::Config);
+
+    // Allowed (a closed network's own server), it works as before.
+    let r = run(&client(&fake), &request()).await;
+    assert!(r.result.is_ok());
+
+    // A redirect is an error, not a second request somewhere else.
+    let before = fake.requests().len();
+    fake.push(Script::Redirect {
+        location: format!("{}/chat/completions", fake.base_url),
+    });
+    let mut cfg = config(&fake);
+    cfg.max_retries = 0;
+    let r = run(&Client::new(cfg).unwrap(), &request()).await;
+    assert!(r.result.is_err());
+    assert_eq!(
+        fake.requests().len(),
+        before + 1,
+        "the redirect was not followed"
+    );
+    fake.stop().await;
+}

@@ -84,6 +84,7 @@ pub fn client_for(state: &Shared, p: &Provider) -> Result<llm::Client, llm::LlmE
     let kind = llm::ProviderKind::parse(&p.kind).unwrap_or(llm::ProviderKind::OpenAi);
     let mut cfg = llm::ProviderConfig::new(kind, p.base_url.clone(), p.api_key.clone());
     cfg.api_version = p.api_version.clone();
+    cfg.block_internal = !state.config.llm.allow_internal_provider_urls;
     cfg.proxy = p
         .proxy
         .clone()
