@@ -422,6 +422,30 @@ async fn read_error_body(resp: reqwest::Response) -> Vec<u8> {
     out
 }
 
+/// Resolves names as usual but keeps only addresses outside loopback, private and
+/// link-local ranges, so a provider name cannot lead yakuba into the city's own network.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !domain::validate::is_internal_ip(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{host} resolves only to internal addresses"),
+                );
+                return Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,29 +544,5 @@ mod tests {
             let c = Client::new(ProviderConfig::new(kind, base, "k")).unwrap();
             assert_eq!(c.prepare(&req).unwrap().0.as_str(), want, "{kind} {base}");
         }
-    }
-}
-
-/// Resolves names as usual but keeps only addresses outside loopback, private and
-/// link-local ranges, so a provider name cannot lead yakuba into the city's own network.
-struct PublicOnly;
-
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| !domain::validate::is_internal_ip(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!("{host} resolves only to internal addresses"),
-                );
-                return Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }
