@@ -144,6 +144,12 @@ pub fn view_department_usage(actor: &Actor, path: &str) -> Decision {
     }
 }
 
+/// The chat log (who asked what, and the answers) is for tenant admins and auditors (M6);
+/// support operators never see chat content (S2).
+pub fn can_read_chat_logs(actor: &Actor) -> bool {
+    matches!(actor.role, Role::TenantAdmin | Role::Auditor)
+}
+
 /// Allowances, allocations and caps are the tenant admin's.
 pub fn can_set_usage_limits(actor: &Actor) -> bool {
     actor.role == Role::TenantAdmin

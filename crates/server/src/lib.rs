@@ -12,6 +12,7 @@ pub mod config;
 pub mod csvout;
 pub mod error;
 pub mod form;
+pub mod logs_web;
 pub mod markdown;
 pub mod models_admin;
 pub mod openapi;

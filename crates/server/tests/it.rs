@@ -2855,3 +2855,242 @@ async fn templates_scopes_copy_run_and_exchange() {
     let _ = kazei_user;
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- chat log (M6)
+
+#[tokio::test]
+async fn chat_log_filters_pages_opens_and_exports_with_japanese_intact() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["回答,です。".into(), "\"引用\"\r\n二行目=1".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (zeimu, _) = s.signed_in("zeimu.log", "税務部/課税課", Role::User).await;
+    let (fukushi, _) = s.signed_in("fukushi.log", "福祉部", Role::User).await;
+    let (auditor, _) = s.signed_in("kansa1", "総務部", Role::Auditor).await;
+    let question = "固定資産税の減免, \"災害\"について\n二行目の質問";
+    let conv = new_conversation(&zeimu).await;
+    let ev = sse_events(send(&zeimu, &conv, &model, question).await).await;
+    assert!(ev.iter().any(|(n, _)| n == "done"));
+    for i in 0..55 {
+        assert_eq!(
+            ask(&fukushi, &model, &format!("福祉の質問{i}")).await.0,
+            StatusCode::OK
+        );
+    }
+
+    // Only tenant admins and auditors read it.
+    assert_eq!(
+        zeimu.get("/admin/logs").await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        zeimu.get("/admin/logs/export").await.status(),
+        StatusCode::FORBIDDEN
+    );
+    // Filter by department: 税務部 (and below) only.
+    let (st, page) = auditor.get_text("/admin/logs?department=税務部").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        page.contains("zeimu.log") && !page.contains("fukushi.log"),
+        "{page}"
+    );
+    // Paging: 50 a page, then the rest, nothing twice.
+    let (_, page1) = auditor.get_text("/admin/logs?user=fukushi.log").await;
+    assert_eq!(page1.matches("福祉の質問").count(), 50);
+    let next = page1
+        .split("rel=\"next\"")
+        .next()
+        .and_then(|h| h.rsplit("after=").next())
+        .unwrap_or_else(|| panic!("{page1}"));
+    let after = next.split('"').next().unwrap();
+    let (_, page2) = auditor
+        .get_text(&format!("/admin/logs?user=fukushi.log&after={after}"))
+        .await;
+    assert_eq!(page2.matches("福祉の質問").count(), 5);
+    assert!(!page2.contains("rel=\"next\""));
+    // Keyword, status, and bad ranges.
+    let (_, page) = auditor.get_text("/admin/logs?q=減免").await;
+    assert!(page.contains("zeimu.log") && !page.contains("fukushi.log"));
+    let (st, page) = auditor
+        .get_text("/admin/logs?from=2026-05-01&to=2026-04-01")
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(page.contains("開始が終了より後"));
+    let (st, page) = auditor.get_text("/admin/logs?from=1900-01-01").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(page.contains("2000年〜2099年"));
+    let (st, _) = auditor.get_text("/admin/logs?status=evil").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, page) = auditor
+        .get_text("/admin/logs/export?from=2030-01-01&to=2030-01-31&format=csv")
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(page.contains("記録はありません"));
+    let (st, _) = auditor.get_text("/admin/logs/export?format=xml").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+
+    // CSV: BOM, and the Japanese, commas, quotes and line breaks survive a CSV parser.
+    let r = auditor
+        .get("/admin/logs/export?department=税務部&format=csv")
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(&bytes[..3], b"\xEF\xBB\xBF");
+    let mut rd = csv::ReaderBuilder::new().from_reader(&bytes[3..]);
+    let headers = rd.headers().unwrap().clone();
+    assert_eq!(&headers[0], "日時（日本時間）");
+    let rows: Vec<csv::StringRecord> = rd.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 1);
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    assert_eq!(&rows[0][col("質問")], question);
+    assert_eq!(&rows[0][col("回答")], "回答,です。\"引用\"\n二行目=1");
+    assert_eq!(&rows[0][col("ログインID")], "zeimu.log");
+    assert_eq!(&rows[0][col("部署")], "税務部/課税課");
+    assert_eq!(&rows[0][col("状態")], "完了");
+    // TSV: one line per record, breaks escaped.
+    let (_, tsv) = auditor
+        .get_text("/admin/logs/export?department=税務部&format=tsv")
+        .await;
+    let lines: Vec<&str> = tsv.lines().collect();
+    assert_eq!(lines.len(), 2, "{tsv}");
+    assert!(lines[1].contains("固定資産税の減免, \"災害\"について\\n二行目の質問"));
+    // JSONL: one object per record.
+    let (_, jsonl) = auditor.get_text("/admin/logs/export?format=jsonl").await;
+    let objs: Vec<Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(objs.len(), 56);
+    assert!(objs.iter().any(|o| o["question"] == question));
+
+    // A conversation the user deletes is gone for them, kept for the record.
+    let r = zeimu.post_form(&format!("/chat/{conv}/delete"), &[]).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        zeimu.get(&format!("/chat/{conv}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let (_, page) = auditor.get_text("/admin/logs?department=税務部").await;
+    assert!(page.contains("削除済み"));
+    let (st, page) = auditor
+        .get_text(&format!("/admin/logs/conversations/{conv}"))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(page.contains("二行目の質問") && page.contains("利用者が削除"));
+    assert_eq!(
+        auditor
+            .get(&format!("/admin/logs/conversations/{}", "0".repeat(32)))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    // Reading and exporting are on the audit record.
+    let (_, audit) = a.get_json("/api/v1/admin/audit?action=log.export").await;
+    assert!(audit["total"].as_i64().unwrap() >= 3, "{audit}");
+    let (_, audit) = a
+        .get_json("/api/v1/admin/audit?action=log.view_conversation")
+        .await;
+    assert_eq!(audit["total"], 1);
+    fake.stop().await;
+    s.stop().await;
+}
+
+/// Fills the log with `n` answers (each about 1 KB, with its question) straight in SQL.
+async fn fill_log(s: &TestServer, user_id: &str, n: i64) {
+    use sqlx::Executor;
+    let store = &s.state.store;
+    let t = s.tenant_id();
+    let conv = store
+        .create_conversation(t, user_id, "大量の記録", s.now())
+        .await
+        .unwrap();
+    let answer = "回答の本文です。".repeat(40);
+    let sql = match store.backend() {
+        storage::Backend::Sqlite => format!(
+            "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < {total}) \
+             INSERT INTO messages (id, tenant_id, conversation_id, seq, role, content, status, model_name, provider_name, input_chars, output_chars, created_at) \
+             SELECT printf('%032x', i), '{t}', '{c}', i, CASE WHEN i % 2 = 1 THEN 'user' ELSE 'assistant' END, \
+             CASE WHEN i % 2 = 1 THEN '質問' || i ELSE '{answer}' END, 'complete', 'm', 'p', 10, 320, {now} + i FROM k",
+            total = 2 * n,
+            c = conv.id,
+            now = s.now(),
+        ),
+        storage::Backend::Postgres => format!(
+            "INSERT INTO messages (id, tenant_id, conversation_id, seq, role, content, status, model_name, provider_name, input_chars, output_chars, created_at) \
+             SELECT lpad(to_hex(i), 32, '0'), '{t}', '{c}', i, CASE WHEN i % 2 = 1 THEN 'user' ELSE 'assistant' END, \
+             CASE WHEN i % 2 = 1 THEN '質問' || i ELSE '{answer}' END, 'complete', 'm', 'p', 10, 320, {now} + i FROM generate_series(1, {total}) AS i",
+            total = 2 * n,
+            c = conv.id,
+            now = s.now(),
+        ),
+    };
+    store.pool().execute(sql.as_str()).await.unwrap();
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Streams an export of `n` rows and checks that memory stays flat while the body (about
+/// 1 KB a row) goes past; returns (rows, MB of body, MB of memory growth).
+async fn export_is_flat(n: i64) -> (usize, f64, f64) {
+    let s = TestServer::start().await;
+    let (auditor, _) = s.signed_in("kansa.big", "総務部", Role::Auditor).await;
+    let (_, u) = s.signed_in("taryou", "総務部", Role::User).await;
+    fill_log(&s, &u.id, n).await;
+    let before = rss_mb();
+    let mut peak = before;
+    let mut r = auditor.get("/admin/logs/export?format=csv").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (mut bytes, mut lines) = (0usize, 0usize);
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        bytes += chunk.len();
+        lines += chunk.iter().filter(|b| **b == b'\n').count();
+        peak = peak.max(rss_mb());
+    }
+    s.stop().await;
+    // Each record is one line (no line breaks in this text), plus the header.
+    assert_eq!(lines as i64, n + 1);
+    (lines - 1, bytes as f64 / 1e6, peak - before)
+}
+
+#[tokio::test]
+async fn log_export_streams_with_flat_memory() {
+    let (rows, body_mb, growth_mb) = export_is_flat(100_000).await;
+    assert_eq!(rows, 100_000);
+    assert!(body_mb > 90.0, "{body_mb}");
+    // Buffering the export would need at least the body's size.
+    assert!(
+        growth_mb < 60.0,
+        "memory grew by {growth_mb:.1} MB for a {body_mb:.0} MB export"
+    );
+}
+
+/// The issue's figure, run by hand (release build):
+/// `cargo test -p server --release --test it -- --ignored log_export_of_a_million_rows --nocapture`
+#[tokio::test]
+#[ignore]
+async fn log_export_of_a_million_rows() {
+    let t = std::time::Instant::now();
+    let (rows, body_mb, growth_mb) = export_is_flat(1_000_000).await;
+    println!(
+        "{rows} rows, {body_mb:.0} MB exported in {:.1} s; memory grew by {growth_mb:.1} MB",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(growth_mb < 60.0);
+}

@@ -489,7 +489,7 @@ impl Store {
         user_id: &str,
         id: &str,
     ) -> Result<Conversation> {
-        let r = sqlx::query("SELECT id, tenant_id, user_id, title, created_at, updated_at FROM conversations WHERE tenant_id = $1 AND user_id = $2 AND id = $3")
+        let r = sqlx::query("SELECT id, tenant_id, user_id, title, created_at, updated_at FROM conversations WHERE tenant_id = $1 AND user_id = $2 AND id = $3 AND deleted_at IS NULL")
             .bind(tenant_id)
             .bind(user_id)
             .bind(id)
@@ -497,6 +497,31 @@ impl Store {
             .await?
             .ok_or(StorageError::NotFound)?;
         conversation_from(&r)
+    }
+
+    /// Any conversation of the tenant, deleted by its owner or not, for the chat log:
+    /// (conversation, owner as 「氏名（ログインID）」, deleted).
+    pub async fn conversation_for_log(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<(Conversation, String, bool)> {
+        let r = sqlx::query(
+            "SELECT c.id, c.tenant_id, c.user_id, c.title, c.created_at, c.updated_at, c.deleted_at, u.login_id, u.display_name \
+             FROM conversations c JOIN users u ON u.id = c.user_id WHERE c.tenant_id = $1 AND c.id = $2",
+        )
+        .bind(tenant_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StorageError::NotFound)?;
+        let owner = format!(
+            "{}（{}）",
+            get_str(&r, "display_name")?,
+            get_str(&r, "login_id")?
+        );
+        let deleted = get_opt_i64(&r, "deleted_at")?.is_some();
+        Ok((conversation_from(&r)?, owner, deleted))
     }
 
     /// Newest first; `query` matches the title.
@@ -509,7 +534,7 @@ impl Store {
     ) -> Result<Vec<Conversation>> {
         let rows = sqlx::query(
             "SELECT id, tenant_id, user_id, title, created_at, updated_at FROM conversations \
-             WHERE tenant_id = $1 AND user_id = $2 AND lower(title) LIKE $3 ESCAPE '\\' ORDER BY updated_at DESC, id DESC LIMIT $4",
+             WHERE tenant_id = $1 AND user_id = $2 AND deleted_at IS NULL AND lower(title) LIKE $3 ESCAPE '\\' ORDER BY updated_at DESC, id DESC LIMIT $4",
         )
         .bind(tenant_id)
         .bind(user_id)
@@ -528,7 +553,7 @@ impl Store {
         title: &str,
     ) -> Result<()> {
         let n = sqlx::query(
-            "UPDATE conversations SET title = $1 WHERE tenant_id = $2 AND user_id = $3 AND id = $4",
+            "UPDATE conversations SET title = $1 WHERE tenant_id = $2 AND user_id = $3 AND id = $4 AND deleted_at IS NULL",
         )
         .bind(title)
         .bind(tenant_id)
@@ -550,19 +575,15 @@ impl Store {
         id: &str,
         audit: AuditEvent,
     ) -> Result<()> {
+        // Hidden from its owner, kept for the chat log (M6) until retention removes it.
         let mut tx = self.write_tx().await?;
-        sqlx::query("DELETE FROM messages WHERE tenant_id = $1 AND conversation_id = $2 AND EXISTS (SELECT 1 FROM conversations c WHERE c.id = $2 AND c.user_id = $3)")
-            .bind(tenant_id)
-            .bind(id)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
         let n = sqlx::query(
-            "DELETE FROM conversations WHERE tenant_id = $1 AND user_id = $2 AND id = $3",
+            "UPDATE conversations SET deleted_at = $4 WHERE tenant_id = $1 AND user_id = $2 AND id = $3 AND deleted_at IS NULL",
         )
         .bind(tenant_id)
         .bind(user_id)
         .bind(id)
+        .bind(audit.at_ms)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -11,6 +11,7 @@ mod audit;
 mod chat;
 mod departments;
 mod imports;
+mod logs;
 mod migrate;
 mod sessions;
 mod templates;
@@ -24,6 +25,7 @@ pub use chat::{
 };
 pub use departments::Department;
 pub use imports::{ImportOutcome, PendingImport};
+pub use logs::{LogCursor, LogFilter, LogRow};
 pub use sessions::{AttemptRecord, LoginAttempt, Session};
 pub use templates::{PromptTemplate, TemplateInput, Viewer};
 pub use tenants::Tenant;

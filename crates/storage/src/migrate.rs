@@ -37,6 +37,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0005_templates.sql"),
         postgres: include_str!("../migrations/postgres/0005_templates.sql"),
     },
+    Migration {
+        version: 6,
+        sqlite: include_str!("../migrations/sqlite/0006_chat_logs.sql"),
+        postgres: include_str!("../migrations/postgres/0006_chat_logs.sql"),
+    },
 ];
 
 const LOCK_KEY: i64 = 0x7961_6b75_6261; // "yakuba"
