@@ -1059,7 +1059,32 @@ async fn providers_models_conversations_and_answers() {
         s.delete_conversation(&t.id, &u.id, &c.id, ev_t(&t.id))
             .await
             .unwrap();
-        assert!(s.messages(&t.id, &c.id).await.unwrap().is_empty());
+        // Hidden from its owner, kept for the chat log (M6).
+        assert!(matches!(
+            s.conversation(&t.id, &u.id, &c.id).await,
+            Err(StorageError::NotFound)
+        ));
+        assert!(s
+            .list_conversations(&t.id, &u.id, "", 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|x| x.id != c.id));
+        assert!(matches!(
+            s.delete_conversation(&t.id, &u.id, &c.id, ev_t(&t.id))
+                .await,
+            Err(StorageError::NotFound)
+        ));
+        assert!(!s.messages(&t.id, &c.id).await.unwrap().is_empty());
+        let (_, _, deleted) = s.conversation_for_log(&t.id, &c.id).await.unwrap();
+        assert!(deleted);
+        let logs = s
+            .chat_logs(&t.id, &LogFilter::default(), None, 10)
+            .await
+            .unwrap();
+        assert!(logs
+            .iter()
+            .any(|l| l.conversation_id == c.id && l.conversation_deleted));
         assert!(s
             .verify_audit()
             .await
