@@ -3072,6 +3072,7 @@ async fn export_is_flat(n: i64) -> (usize, f64, f64) {
 #[tokio::test]
 async fn log_export_streams_with_flat_memory() {
     let (rows, body_mb, growth_mb) = export_is_flat(100_000).await;
+    println!("{rows} rows, {body_mb:.0} MB exported; memory grew by {growth_mb:.1} MB");
     assert_eq!(rows, 100_000);
     assert!(body_mb > 90.0, "{body_mb}");
     // Buffering the export would need at least the body's size.
