@@ -46,7 +46,7 @@ impl MessageView {
         let mut meta = String::new();
         if m.role == "assistant" {
             meta = format!(
-                "{}・入力{}字・出力{}字",
+                "{}・AIへの送信{}字（それまでの会話を含む）・回答{}字",
                 m.model_name.clone().unwrap_or_default(),
                 fmt_num(m.input_chars),
                 fmt_num(m.output_chars)

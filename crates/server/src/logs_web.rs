@@ -327,7 +327,7 @@ async fn conversation_page(
                     .unwrap_or_default()
             } else {
                 format!(
-                    "{}・{}・入力{}字・出力{}字",
+                    "{}・{}・AIへの送信{}字（それまでの会話を含む）・回答{}字",
                     m.model_name.clone().unwrap_or_default(),
                     status_label(&m.status),
                     domain::usage::grouped(m.input_chars),
@@ -395,8 +395,8 @@ pub const HEADERS: [&str; 19] = [
     "状態",
     "質問",
     "回答",
-    "入力文字数",
-    "出力文字数",
+    "AIへの送信文字数（それまでの会話を含む）",
+    "回答文字数",
     "入力トークン",
     "出力トークン",
     "最初の応答（ミリ秒）",
