@@ -28,6 +28,9 @@ pub enum AppError {
     Conflict(String),
     #[error("too large")]
     TooLarge,
+    /// An API token that is unknown, expired or revoked; the message says which.
+    #[error("invalid token")]
+    Token(String),
     /// A usage allowance is used up; the message says which and what to do.
     #[error("quota exceeded")]
     Quota(String),
@@ -66,6 +69,7 @@ impl AppError {
                 f.first().map(|e| e.message.clone()).unwrap_or_else(|| "入力内容を確認してください。".into()),
             ),
             AppError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m.clone()),
+            AppError::Token(m) => (StatusCode::UNAUTHORIZED, "invalid_token", m.clone()),
             AppError::Quota(m) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", m.clone()),
             AppError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", "送信されたデータが大きすぎます。".to_string()),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "システムで問題が発生しました。時間をおいて再度お試しください。解決しない場合は管理者に連絡してください。".to_string()),

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod ops;
 pub mod pages;
 pub mod templates_web;
+pub mod tokens_web;
 pub mod usage;
 pub mod usage_web;
 

@@ -26,6 +26,7 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/logs", get(logs_page))
         .route("/admin/logs/export", get(export))
         .route("/admin/logs/conversations/{id}", get(conversation_page))
+        .route("/api/v1/admin/logs", get(api_logs))
 }
 
 fn require(a: &Authed) -> AppResult<()> {
@@ -599,4 +600,67 @@ async fn export(
     )
     .await;
     export_response(&state, &a.ctx.tenant.id, f, format, "chat-log").await
+}
+
+/// `GET /api/v1/admin/logs`: the same export for a city's own systems, with an API token
+/// (`Authorization: Bearer …`, scope `logs:read`) or the session of a tenant admin or
+/// auditor.
+async fn api_logs(
+    State(state): State<Shared>,
+    ctx: crate::app::Ctx,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<LogQuery>,
+) -> AppResult<Response> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let audit = match (bearer, &ctx.auth) {
+        (Some(token), _) => {
+            let t = state
+                .store
+                .api_token_by_digest(&domain::ids::token_digest(token))
+                .await?
+                .filter(|t| t.tenant_id == ctx.tenant.id)
+                .ok_or_else(|| AppError::Token("API キーが正しくありません。".into()))?;
+            if t.revoked_at.is_some() {
+                return Err(AppError::Token(
+                    "この API キーは無効にされています。情報管理者に新しいキーの発行を依頼してください。".into(),
+                ));
+            }
+            if t.expires_at <= ctx.now {
+                return Err(AppError::Token(format!(
+                    "この API キーは有効期限（{}）が切れています。情報管理者に新しいキーの発行を依頼してください。",
+                    domain::time::format_jst(t.expires_at)
+                )));
+            }
+            if !t.has_scope("logs:read") {
+                // Scope missing: the key is genuine but may not do this.
+                return Err(AppError::Forbidden);
+            }
+            state.store.touch_api_token(&t.id, ctx.now).await?;
+            let mut ev = ctx.audit();
+            ev.actor_login = format!("api-token:{}", t.name);
+            ev
+        }
+        (None, Some(auth)) => {
+            if !policy::can_read_chat_logs(&auth.actor) {
+                return Err(AppError::Forbidden);
+            }
+            ctx.audit()
+        }
+        (None, None) => return Err(AppError::Unauthenticated),
+    };
+    let f = filter_of(&q)?;
+    let format = Format::parse(&q.format)?;
+    let ev = audit.with(
+        "log.export",
+        "chat_log".to_string(),
+        serde_json::json!({"from": q.from, "to": q.to, "user": q.user, "department": q.department, "model": q.model, "status": q.status, "keyword": q.q, "format": format.ext(), "via": "api"}),
+    );
+    if let Err(e) = state.store.append_audit(&ev).await {
+        tracing::error!(error = %e, "could not audit a chat log export");
+    }
+    export_response(&state, &ctx.tenant.id, f, format, "chat-log").await
 }

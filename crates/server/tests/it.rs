@@ -709,6 +709,7 @@ async fn authorisation_matrix_over_every_api_route() {
         include_str!("../src/models_admin.rs"),
         include_str!("../src/usage_web.rs"),
         include_str!("../src/templates_web.rs"),
+        include_str!("../src/logs_web.rs"),
     ] {
         let table = src.split("pub fn routes").nth(1).unwrap();
         in_source.extend(
@@ -755,6 +756,12 @@ async fn authorisation_matrix_over_every_api_route() {
                 let (st, _) = auditor.send_json(m.clone(), &p, Some(&body)).await;
                 if path == "/api/v1/admin/audit" {
                     assert_eq!(st, StatusCode::OK);
+                } else if path == "/api/v1/admin/logs" {
+                    // Auditors read the chat log (here: nothing to export yet).
+                    assert!(
+                        st == StatusCode::OK || st == StatusCode::BAD_REQUEST,
+                        "{st}"
+                    );
                 } else {
                     assert!(
                         st == StatusCode::FORBIDDEN || st == StatusCode::NOT_FOUND,
@@ -3094,4 +3101,184 @@ async fn log_export_of_a_million_rows() {
         t.elapsed().as_secs_f64()
     );
     assert!(growth_mb < 60.0);
+}
+
+#[tokio::test]
+async fn the_citys_systems_pull_logs_with_a_token() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["はい、".into(), "承知しました。".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (staff, _) = s.signed_in("token.staff", "税務部", Role::User).await;
+    assert_eq!(
+        ask(&staff, &model, "トークンで取り出す質問").await.0,
+        StatusCode::OK
+    );
+
+    // Bad input: no name, an absurd period, no scope.
+    let r = a
+        .post_form("/admin/api-tokens", &[("name", ""), ("days", "9999")])
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("名前を入力してください")
+            && html.contains("有効期間")
+            && html.contains("スコープ")
+    );
+    // Staff cannot issue keys.
+    let r = staff
+        .post_form(
+            "/admin/api-tokens",
+            &[("name", "x"), ("days", "30"), ("scope_logs:read", "on")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Issued: shown once, never again.
+    let r = a
+        .post_form(
+            "/admin/api-tokens",
+            &[
+                ("name", "ログ収集サーバー"),
+                ("days", "30"),
+                ("scope_logs:read", "on"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let html = r.text().await.unwrap();
+    let token = html
+        .split("id=\"issued-token\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(token.starts_with("ykb_") && token.len() > 60, "{token}");
+    let (_, list) = a.get_text("/admin/api-tokens").await;
+    assert!(list.contains("ログ収集サーバー") && !list.contains(&token));
+    assert!(list.contains("<td>未使用</td>"));
+
+    // The city's system pulls CSV, with no session at all.
+    let http = reqwest::Client::new();
+    let get = |q: &str, bearer: Option<&str>| {
+        let mut req = http.get(a.url(&format!("/api/v1/admin/logs{q}")));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        req.send()
+    };
+    let r = get("?format=csv", Some(&token)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(text.starts_with('\u{feff}'));
+    assert!(text.contains("トークンで取り出す質問") && text.contains("はい、承知しました。"));
+    let r = get("?format=jsonl&user=token.staff", Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap().lines().count(), 1);
+    let (_, list) = a.get_text("/admin/api-tokens").await;
+    assert!(!list.contains("<td>未使用</td>"), "last use is shown");
+    // No key, a wrong key, a reversed range: clear answers.
+    assert_eq!(
+        get("", None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let r = get("", Some("ykb_wrong")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_token");
+    let r = get("?from=2026-05-01&to=2026-04-01", Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // A key without the scope is refused.
+    let ev = s.audit();
+    s.state
+        .store
+        .create_api_token(
+            s.tenant_id(),
+            "権限なし",
+            &[],
+            &domain::ids::token_digest("ykb_noscope"),
+            "x",
+            s.now(),
+            s.now() + HOUR_MS,
+            ev,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        get("", Some("ykb_noscope")).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    // Expired after its period.
+    s.clock.advance_ms(31 * 24 * HOUR_MS);
+    let r = get("", Some(&token)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("有効期限"));
+    // Revoked (a fresh key, then revoked) is refused too.
+    // The admin's session ended with the month; a fresh sign-in.
+    let (a, _) = s
+        .signed_in("admin02", "総務部/情報政策課", Role::TenantAdmin)
+        .await;
+    let r = a
+        .post_form(
+            "/admin/api-tokens",
+            &[
+                ("name", "二本目"),
+                ("days", "30"),
+                ("scope_logs:read", "on"),
+            ],
+        )
+        .await;
+    let html = r.text().await.unwrap();
+    let second = html
+        .split("id=\"issued-token\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        get("?format=tsv", Some(&second)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let id = s
+        .state
+        .store
+        .list_api_tokens(s.tenant_id())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "二本目")
+        .unwrap()
+        .id;
+    let r = a
+        .post_form(&format!("/admin/api-tokens/{id}/revoke"), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = get("", Some(&second)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("無効"));
+    // Every pull is on the record, under the key's name.
+    let (_, audit) = a.get_json("/api/v1/admin/audit?action=log.export").await;
+    assert!(
+        audit.to_string().contains("api-token:ログ収集サーバー"),
+        "{audit}"
+    );
+    fake.stop().await;
+    s.stop().await;
 }

@@ -16,6 +16,7 @@ mod migrate;
 mod sessions;
 mod templates;
 mod tenants;
+mod tokens;
 mod usage;
 mod users;
 
@@ -29,6 +30,7 @@ pub use logs::{LogCursor, LogFilter, LogRow};
 pub use sessions::{AttemptRecord, LoginAttempt, Session};
 pub use templates::{PromptTemplate, TemplateInput, Viewer};
 pub use tenants::Tenant;
+pub use tokens::ApiToken;
 pub use usage::{scopes_for, UsageFilter, UsageRecord, UsageReport, UsageTotals, UserUsage};
 pub use users::{NewUser, User, UserFilter, UserStatus, UserUpdate};
 

@@ -42,6 +42,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0006_chat_logs.sql"),
         postgres: include_str!("../migrations/postgres/0006_chat_logs.sql"),
     },
+    Migration {
+        version: 7,
+        sqlite: include_str!("../migrations/sqlite/0007_api_tokens.sql"),
+        postgres: include_str!("../migrations/postgres/0007_api_tokens.sql"),
+    },
 ];
 
 const LOCK_KEY: i64 = 0x7961_6b75_6261; // "yakuba"
