@@ -81,6 +81,20 @@ impl Default for UsagePolicy {
     }
 }
 
+/// How long chat records are kept (M6 asks at least a month; S16 wants them gone after).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionPolicy {
+    /// Conversations and messages older than this many months are removed.
+    pub chat_months: u32,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        Self { chat_months: 13 }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantSettings {
@@ -93,6 +107,7 @@ pub struct TenantSettings {
     pub session_admin: SessionPolicy,
     pub chat: ChatPolicy,
     pub usage: UsagePolicy,
+    pub retention: RetentionPolicy,
 }
 
 impl Default for TenantSettings {
@@ -120,6 +135,7 @@ impl Default for TenantSettings {
             },
             chat: ChatPolicy::default(),
             usage: UsagePolicy::default(),
+            retention: RetentionPolicy::default(),
         }
     }
 }
@@ -223,6 +239,13 @@ impl TenantSettings {
             push(
                 "chat.max_message_chars",
                 "1回の入力の上限は1〜1,000,000文字で指定してください。".into(),
+            );
+        }
+        if !(1..=120).contains(&self.retention.chat_months) {
+            push(
+                "retention.chat_months",
+                "チャットの保存期間は1〜120か月で指定してください（1か月未満にはできません）。"
+                    .into(),
             );
         }
         let u = &self.usage;

@@ -102,3 +102,35 @@ mod tests {
         assert_eq!(format_wareki(d("1989-01-08")), "平成元年1月8日");
     }
 }
+
+/// The same moment `months` calendar months earlier, in JST (the 31st falls back to the
+/// month's last day): where "kept for N months" ends.
+pub fn months_before(ms: i64, months: u32) -> i64 {
+    let Some(t) = to_jst(ms) else {
+        return ms;
+    };
+    t.checked_sub_months(chrono::Months::new(months))
+        .map(|t| t.timestamp_millis())
+        .unwrap_or(i64::MIN)
+}
+
+#[cfg(test)]
+mod months_tests {
+    use super::*;
+
+    #[test]
+    fn months_before_counts_calendar_months_in_jst() {
+        // 2026-04-01 09:00 JST → 2025-03-01 09:00 JST, 13 months earlier.
+        let t = 1_775_001_600_000;
+        assert_eq!(
+            format_jst_compact(months_before(t, 13)),
+            "2025-03-01 09:00:00"
+        );
+        // 31 March less one month is the last day of February.
+        let m31 = parse_jst_date("2026-03-31").unwrap_or_default();
+        assert_eq!(
+            format_jst_compact(months_before(m31, 1)),
+            "2026-02-28 00:00:00"
+        );
+    }
+}

@@ -18,6 +18,7 @@ pub mod models_admin;
 pub mod openapi;
 pub mod ops;
 pub mod pages;
+pub mod retention_web;
 pub mod templates_web;
 pub mod tokens_web;
 pub mod usage;
@@ -134,6 +135,9 @@ pub fn spawn_housekeeping(state: Shared) -> tokio::task::JoinHandle<()> {
                 Ok(n) if n > 0 => tracing::info!(sessions = n, "expired sessions removed"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "session housekeeping failed"),
+            }
+            if let Err(e) = retention_web::run(&state).await {
+                tracing::warn!(error = %e, "retention run failed");
             }
             if let Err(e) = state
                 .store

@@ -3282,3 +3282,147 @@ async fn the_citys_systems_pull_logs_with_a_token() {
     fake.stop().await;
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- retention (M6, S16)
+
+async fn count_rows(s: &TestServer, sql: &str) -> i64 {
+    use sqlx::Row;
+    let row = sqlx::query(sql)
+        .fetch_one(s.state.store.pool())
+        .await
+        .unwrap();
+    row.try_get::<i64, _>(0).unwrap()
+}
+
+#[tokio::test]
+async fn retention_removes_exactly_what_is_older_than_the_policy_except_held() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["記録します。".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    // Bad input: under a month, absurd, a hold on nobody or on two things, no reason.
+    for v in ["0", "-1", "121", "abc"] {
+        let r = a.post_form("/admin/retention", &[("chat_months", v)]).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(r.text().await.unwrap().contains("1か月未満にはできません"));
+    }
+    let r = a
+        .post_form(
+            "/admin/retention/holds",
+            &[("login_id", ""), ("department_id", ""), ("reason", "調査")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let r = a
+        .post_form(
+            "/admin/retention/holds",
+            &[("login_id", "nobody"), ("reason", "調査")],
+        )
+        .await;
+    assert!(r.text().await.unwrap().contains("見つかりません"));
+    let r = a
+        .post_form("/admin/retention", &[("chat_months", "13")])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+
+    let (old, _) = s.signed_in("furui", "総務部", Role::User).await;
+    let (held, _) = s.signed_in("hozen", "総務部", Role::User).await;
+    let (fk, _) = s
+        .signed_in("hozen.busho", "福祉部/介護課", Role::User)
+        .await;
+    // April 2026: three old conversations.
+    let old_conv = new_conversation(&old).await;
+    assert!(sse_events(send(&old, &old_conv, &model, "古い質問").await)
+        .await
+        .iter()
+        .any(|(n, _)| n == "done"));
+    assert_eq!(ask(&held, &model, "保全される質問").await.0, StatusCode::OK);
+    assert_eq!(
+        ask(&fk, &model, "部署で保全される質問").await.0,
+        StatusCode::OK
+    );
+    // Holds: one on a user, one on a parent department.
+    let r = a
+        .post_form(
+            "/admin/retention/holds",
+            &[("login_id", "hozen"), ("reason", "情報公開請求への対応")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let fukushi = dept_id(&a, "福祉部").await;
+    let r = a
+        .post_form(
+            "/admin/retention/holds",
+            &[("department_id", &fukushi), ("reason", "監査のため")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    // Twelve months later the old user writes again in the same conversation.
+    s.clock.advance_ms(365 * 24 * HOUR_MS);
+    let (old2, _) = s.signed_in("furui2", "総務部", Role::User).await;
+    assert_eq!(ask(&old2, &model, "一年後の質問").await.0, StatusCode::OK);
+    let before = count_rows(&s, "SELECT COUNT(*) FROM messages").await;
+    assert_eq!(before, 8);
+    // Just inside 13 months: nothing goes.
+    s.clock.advance_ms(29 * 24 * HOUR_MS);
+    let purged = server::retention_web::run(&s.state).await.unwrap();
+    assert_eq!(purged[0].1, storage::Purged::default(), "{purged:?}");
+    // Past 13 months from April: April's unheld records go, the rest stay.
+    s.clock.advance_ms(3 * 24 * HOUR_MS);
+    let purged = server::retention_web::run(&s.state).await.unwrap();
+    assert_eq!(purged[0].1.messages, 2, "{purged:?}");
+    assert_eq!(purged[0].1.conversations, 1);
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM messages").await, 6);
+    let left: Vec<String> = {
+        use sqlx::Row;
+        sqlx::query("SELECT content FROM messages WHERE role = 'user' ORDER BY created_at")
+            .fetch_all(s.state.store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String, _>(0).unwrap())
+            .collect()
+    };
+    assert_eq!(
+        left,
+        ["保全される質問", "部署で保全される質問", "一年後の質問"]
+    );
+    // Running again removes nothing more; lifting a hold lets the next run remove it.
+    assert_eq!(
+        server::retention_web::run(&s.state).await.unwrap()[0].1,
+        storage::Purged::default()
+    );
+    let (a2, _) = s
+        .signed_in("admin03", "総務部/情報政策課", Role::TenantAdmin)
+        .await;
+    let hold = s
+        .state
+        .store
+        .legal_holds(s.tenant_id())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.user_id.is_some())
+        .unwrap();
+    let r = a2
+        .post_form(&format!("/admin/retention/holds/{}/delete", hold.id), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        server::retention_web::run(&s.state).await.unwrap()[0]
+            .1
+            .messages,
+        2
+    );
+    // The runs are on the audit record, with what they removed.
+    let (_, audit) = a2
+        .get_json("/api/v1/admin/audit?action=retention.purge")
+        .await;
+    assert_eq!(audit["total"], 2, "{audit}");
+    fake.stop().await;
+    s.stop().await;
+}

@@ -13,6 +13,7 @@ mod departments;
 mod imports;
 mod logs;
 mod migrate;
+mod retention;
 mod sessions;
 mod templates;
 mod tenants;
@@ -27,6 +28,7 @@ pub use chat::{
 pub use departments::Department;
 pub use imports::{ImportOutcome, PendingImport};
 pub use logs::{LogCursor, LogFilter, LogRow};
+pub use retention::{LegalHold, Purged};
 pub use sessions::{AttemptRecord, LoginAttempt, Session};
 pub use templates::{PromptTemplate, TemplateInput, Viewer};
 pub use tenants::Tenant;

@@ -47,6 +47,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0007_api_tokens.sql"),
         postgres: include_str!("../migrations/postgres/0007_api_tokens.sql"),
     },
+    Migration {
+        version: 8,
+        sqlite: include_str!("../migrations/sqlite/0008_retention.sql"),
+        postgres: include_str!("../migrations/postgres/0008_retention.sql"),
+    },
 ];
 
 const LOCK_KEY: i64 = 0x7961_6b75_6261; // "yakuba"
