@@ -702,39 +702,12 @@ fn import_errors_page(
 async fn import_upload(
     State(state): State<Shared>,
     a: Authed,
-    mut mp: Multipart,
+    mp: Multipart,
 ) -> AppResult<Response> {
     ops::require_tenant_admin(&a)?;
-    let mut file: Option<Vec<u8>> = None;
-    let mut create_departments = false;
-    loop {
-        let field =
-            match mp.next_field().await {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                    return Err(AppError::TooLarge)
-                }
-                Err(_) => return Err(AppError::BadRequest(
-                    "アップロードされたデータを読み取れません。もう一度ファイルを選んでください。"
-                        .into(),
-                )),
-            };
-        match field.name() {
-            Some("file") => {
-                let bytes = field.bytes().await.map_err(|e| {
-                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        AppError::TooLarge
-                    } else {
-                        AppError::BadRequest("ファイルを読み取れません。".into())
-                    }
-                })?;
-                file = Some(bytes.to_vec());
-            }
-            Some("create_departments") => create_departments = true,
-            _ => {}
-        }
-    }
+    let up = crate::form::read_upload(mp).await?;
+    let create_departments = up.fields.contains_key("create_departments");
+    let file = up.file;
     let Some(bytes) = file.filter(|b| !b.is_empty()) else {
         return import_errors_page(
             &a,

@@ -48,8 +48,8 @@ impl MessageView {
             meta = format!(
                 "{}・AIへの送信{}字（それまでの会話を含む）・回答{}字",
                 m.model_name.clone().unwrap_or_default(),
-                fmt_num(m.input_chars),
-                fmt_num(m.output_chars)
+                domain::usage::grouped(m.input_chars),
+                domain::usage::grouped(m.output_chars)
             );
             if let Some(t) = m.ttft_ms {
                 meta.push_str(&format!("・最初の応答{:.1}秒", t as f64 / 1000.0));
@@ -83,10 +83,6 @@ fn error_text(code: &str) -> String {
         _ => "AIサービスでエラーが発生しました。時間をおいて再度お試しください。",
     }
     .to_string()
-}
-
-fn fmt_num(n: i64) -> String {
-    domain::usage::grouped(n)
 }
 
 pub struct ConvLink {
@@ -200,7 +196,9 @@ async fn page(
         models,
         selected_model,
         max_chars: a.ctx.tenant.settings.chat.max_message_chars,
-        max_chars_label: fmt_num(i64::from(a.ctx.tenant.settings.chat.max_message_chars)),
+        max_chars_label: domain::usage::grouped(i64::from(
+            a.ctx.tenant.settings.chat.max_message_chars,
+        )),
         can_regenerate,
     })
 }

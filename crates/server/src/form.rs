@@ -1,5 +1,6 @@
 //! URL-encoded forms, read strictly: bytes that do not decode to UTF-8 are refused with a
-//! Japanese message instead of being replaced with U+FFFD and stored.
+//! Japanese message instead of being replaced with U+FFFD and stored. Also the one reader
+//! of multipart uploads (a file and a few text fields).
 
 use crate::error::AppError;
 use axum::body::Bytes;
@@ -69,6 +70,54 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Form<T> {
             .map(Form)
             .map_err(|_| AppError::BadRequest(UNREADABLE.into()))
     }
+}
+
+/// A multipart upload: the bytes of its `file` field (if any) and its other fields as text.
+pub struct Upload {
+    pub file: Option<Vec<u8>>,
+    pub fields: std::collections::HashMap<String, String>,
+}
+
+/// Reads a whole multipart upload; a body over the route's limit is "too large", anything
+/// unreadable a Japanese "cannot read".
+pub async fn read_upload(mut mp: axum::extract::Multipart) -> Result<Upload, AppError> {
+    let too_large_or = |status: StatusCode, msg: &str| {
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::TooLarge
+        } else {
+            AppError::BadRequest(msg.into())
+        }
+    };
+    let mut up = Upload {
+        file: None,
+        fields: Default::default(),
+    };
+    loop {
+        let field =
+            match mp.next_field().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(too_large_or(
+                    e.status(),
+                    "アップロードされたデータを読み取れません。もう一度ファイルを選んでください。",
+                )),
+            };
+        let name = field.name().unwrap_or("").to_string();
+        if name == "file" {
+            let bytes = field
+                .bytes()
+                .await
+                .map_err(|e| too_large_or(e.status(), "ファイルを読み取れません。"))?;
+            up.file = Some(bytes.to_vec());
+        } else {
+            let text = field
+                .text()
+                .await
+                .map_err(|e| too_large_or(e.status(), UNREADABLE))?;
+            up.fields.insert(name, text);
+        }
+    }
+    Ok(up)
 }
 
 #[cfg(test)]

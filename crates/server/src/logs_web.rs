@@ -179,20 +179,21 @@ fn query_string(q: &LogQuery) -> String {
     parts.join("&")
 }
 
-async fn audit_view(
+/// Records a look at the chat log (or an export of it) with the filter used.
+async fn audit_log_access(
     state: &Shared,
-    a: &Authed,
+    ev: storage::AuditEvent,
     action: &str,
     q: &LogQuery,
     extra: serde_json::Value,
 ) {
-    let ev = a.audit().with(
+    let ev = ev.with(
         action,
         "chat_log".to_string(),
         serde_json::json!({"from": q.from, "to": q.to, "user": q.user, "department": q.department, "model": q.model, "status": q.status, "keyword": q.q, "detail": extra}),
     );
     if let Err(e) = state.store.append_audit(&ev).await {
-        tracing::error!(error = %e, "could not audit a chat log view");
+        tracing::error!(error = %e, "could not audit a chat log access");
     }
 }
 
@@ -210,9 +211,9 @@ async fn logs_page(
         .await?;
     let more = rows.len() as i64 > PAGE;
     rows.truncate(PAGE as usize);
-    audit_view(
+    audit_log_access(
         &state,
-        &a,
+        a.audit(),
         "log.view",
         &q,
         serde_json::json!({"rows": rows.len()}),
@@ -304,9 +305,9 @@ async fn conversation_page(
         .await?;
     let messages = state.store.messages(&a.ctx.tenant.id, &conv.id).await?;
     let q = LogQuery::default();
-    audit_view(
+    audit_log_access(
         &state,
-        &a,
+        a.audit(),
         "log.view_conversation",
         &q,
         serde_json::json!({"conversation": conv.id}),
@@ -591,9 +592,9 @@ async fn export(
     require(&a)?;
     let f = filter_of(&q)?;
     let format = Format::parse(&q.format)?;
-    audit_view(
+    audit_log_access(
         &state,
-        &a,
+        a.audit(),
         "log.export",
         &q,
         serde_json::json!({"format": format.ext()}),
@@ -654,13 +655,13 @@ async fn api_logs(
     };
     let f = filter_of(&q)?;
     let format = Format::parse(&q.format)?;
-    let ev = audit.with(
+    audit_log_access(
+        &state,
+        audit,
         "log.export",
-        "chat_log".to_string(),
-        serde_json::json!({"from": q.from, "to": q.to, "user": q.user, "department": q.department, "model": q.model, "status": q.status, "keyword": q.q, "format": format.ext(), "via": "api"}),
-    );
-    if let Err(e) = state.store.append_audit(&ev).await {
-        tracing::error!(error = %e, "could not audit a chat log export");
-    }
+        &q,
+        serde_json::json!({"format": format.ext(), "via": "api"}),
+    )
+    .await;
     export_response(&state, &ctx.tenant.id, f, format, "chat-log").await
 }

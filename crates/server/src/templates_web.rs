@@ -864,38 +864,15 @@ async fn export_all(State(state): State<Shared>, a: Authed) -> AppResult<Respons
     Ok(exchange(texts))
 }
 
-async fn import(State(state): State<Shared>, a: Authed, mut mp: Multipart) -> AppResult<Response> {
+async fn import(State(state): State<Shared>, a: Authed, mp: Multipart) -> AppResult<Response> {
     chat::require_chat(&a)?;
-    let mut file: Option<Vec<u8>> = None;
-    let mut scope = String::from("personal");
-    loop {
-        let field =
-            match mp.next_field().await {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                    return Err(AppError::TooLarge)
-                }
-                Err(_) => return Err(AppError::BadRequest(
-                    "アップロードされたデータを読み取れません。もう一度ファイルを選んでください。"
-                        .into(),
-                )),
-            };
-        match field.name() {
-            Some("file") => {
-                let bytes = field.bytes().await.map_err(|e| {
-                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        AppError::TooLarge
-                    } else {
-                        AppError::BadRequest("ファイルを読み取れません。".into())
-                    }
-                })?;
-                file = Some(bytes.to_vec());
-            }
-            Some("scope") => scope = field.text().await.unwrap_or_default(),
-            _ => {}
-        }
-    }
+    let up = crate::form::read_upload(mp).await?;
+    let file = up.file;
+    let scope = up
+        .fields
+        .get("scope")
+        .cloned()
+        .unwrap_or_else(|| "personal".into());
     let catalog = state.catalog(&a.ctx.tenant.id).await?;
     let (scope, department_id, owner_id) = resolve_scope(&a, &catalog.department_paths, &scope)?;
     let errors = match file.filter(|b| !b.is_empty()) {

@@ -301,10 +301,6 @@ struct UsagePage {
     over_limit: String,
 }
 
-fn n(v: i64) -> String {
-    grouped(v)
-}
-
 fn level_class(l: Level) -> &'static str {
     match l {
         Level::Normal => "normal",
@@ -413,8 +409,8 @@ async fn usage_page(
     let history_chart = charts::bars("過去12か月の利用文字数", "文字", &history_data, 1);
     let (limit_s, remaining, percent, level) = match f.limit {
         Some(l) => (
-            n(l),
-            n((l - t.counted_chars).max(0)),
+            grouped(l),
+            grouped((l - t.counted_chars).max(0)),
             usage::percent(t.counted_chars, l),
             level_class(usage::level(t.counted_chars, l)),
         ),
@@ -422,11 +418,11 @@ async fn usage_page(
     };
     let notice = match (f.limit, f.is_current) {
         (Some(l), true) => match usage::level(t.counted_chars, l) {
-            Level::Exhausted => format!("今月の上限（{}文字）に達しています。", n(l)),
+            Level::Exhausted => format!("今月の上限（{}文字）に達しています。", grouped(l)),
             Level::Warning => format!(
                 "今月の上限の{}%を使いました（残り{}文字）。",
                 usage::percent(t.counted_chars, l),
-                n(l - t.counted_chars)
+                grouped(l - t.counted_chars)
             ),
             Level::Normal => String::new(),
         },
@@ -435,12 +431,12 @@ async fn usage_page(
     let row = |label: &str, sub: &str, t: &UsageTotals| Row {
         label: label.to_string(),
         sub: sub.to_string(),
-        requests: n(t.requests),
-        input: n(t.input_chars),
-        output: n(t.output_chars),
-        counted: n(t.counted_chars),
-        input_tokens: n(t.input_tokens),
-        output_tokens: n(t.output_tokens),
+        requests: grouped(t.requests),
+        input: grouped(t.input_chars),
+        output: grouped(t.output_chars),
+        counted: grouped(t.counted_chars),
+        input_tokens: grouped(t.input_tokens),
+        output_tokens: grouped(t.output_tokens),
     };
     let csv_base = format!(
         "/usage/export.csv?{}",
@@ -466,26 +462,26 @@ async fn usage_page(
             )
         },
         limit: limit_s,
-        used: n(t.counted_chars),
+        used: grouped(t.counted_chars),
         remaining,
         percent,
         level,
         notice,
-        forecast: f.forecast.map(n).unwrap_or_default(),
+        forecast: f.forecast.map(grouped).unwrap_or_default(),
         forecast_over: matches!((f.forecast, f.limit), (Some(fc), Some(l)) if fc > l),
-        requests: n(t.requests),
+        requests: grouped(t.requests),
         breakdown: format!(
             "内訳: 入力 {} 文字・出力 {} 文字・コンテキスト（添付ファイルやそれまでの会話） {} 文字{}・トークン 入力 {} / 出力 {}",
-            n(t.input_chars),
-            n(t.output_chars),
-            n(t.context_chars),
+            grouped(t.input_chars),
+            grouped(t.output_chars),
+            grouped(t.context_chars),
             if a.ctx.tenant.settings.usage.count_context {
                 "（上限に計上）"
             } else {
                 "（上限には計上しません）"
             },
-            n(t.input_tokens),
-            n(t.output_tokens)
+            grouped(t.input_tokens),
+            grouped(t.output_tokens)
         ),
         daily_chart,
         cumulative_chart,
@@ -494,7 +490,7 @@ async fn usage_page(
             .iter()
             .enumerate()
             .filter(|(_, v)| **v > 0)
-            .map(|(i, v)| (format!("{}日", i + 1), n(*v)))
+            .map(|(i, v)| (format!("{}日", i + 1), grouped(*v)))
             .collect(),
         departments: f
             .report
@@ -525,17 +521,17 @@ async fn usage_page(
             .iter()
             .map(|(p, l, u)| AllocationRow {
                 path: p.clone(),
-                limit: n(*l),
-                used: n(*u),
+                limit: grouped(*l),
+                used: grouped(*u),
                 percent: usage::percent(*u, *l),
                 level: level_class(usage::level(*u, *l)),
             })
             .collect(),
-        history: f.history.iter().map(|(m, v)| (m.clone(), n(*v))).collect(),
+        history: f.history.iter().map(|(m, v)| (m.clone(), grouped(*v))).collect(),
         dept_options,
         csv_base,
         over_limit: if t.over_limit > 0 {
-            n(t.over_limit)
+            grouped(t.over_limit)
         } else {
             String::new()
         },
@@ -637,6 +633,13 @@ const TOTAL_HEADERS: [&str; 8] = [
     "上限超過での利用回数",
 ];
 
+/// A CSV row: the leading cells, then the totals.
+fn row_with_totals(lead: Vec<String>, t: &UsageTotals) -> Vec<String> {
+    let mut r = lead;
+    r.extend(total_cells(t));
+    r
+}
+
 fn total_cells(t: &UsageTotals) -> Vec<String> {
     [
         t.requests,
@@ -691,11 +694,7 @@ async fn usage_csv(
                 .report
                 .by_department
                 .iter()
-                .map(|(p, t)| {
-                    let mut r = vec![p.clone()];
-                    r.extend(total_cells(t));
-                    r
-                })
+                .map(|(p, t)| row_with_totals(vec![p.clone()], t))
                 .collect();
             let mut h = vec!["部署"];
             h.extend(TOTAL_HEADERS);
@@ -706,11 +705,7 @@ async fn usage_csv(
                 .report
                 .by_model
                 .iter()
-                .map(|(m, t)| {
-                    let mut r = vec![m.clone()];
-                    r.extend(total_cells(t));
-                    r
-                })
+                .map(|(m, t)| row_with_totals(vec![m.clone()], t))
                 .collect();
             let mut h = vec!["AIモデル"];
             h.extend(TOTAL_HEADERS);
@@ -722,13 +717,14 @@ async fn usage_csv(
                 .top_users
                 .iter()
                 .map(|u| {
-                    let mut r = vec![
-                        u.login_id.clone(),
-                        u.name.clone(),
-                        u.department_path.clone(),
-                    ];
-                    r.extend(total_cells(&u.totals));
-                    r
+                    row_with_totals(
+                        vec![
+                            u.login_id.clone(),
+                            u.name.clone(),
+                            u.department_path.clone(),
+                        ],
+                        &u.totals,
+                    )
                 })
                 .collect();
             let mut h = vec!["ログインID", "氏名", "部署"];
