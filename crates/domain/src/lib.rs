@@ -2,6 +2,7 @@
 //! password and session policy, input validation, the CSV import plan and the audit hash
 //! chain. Nothing here performs I/O; time comes in through [`clock::Clock`].
 
+pub mod alerts;
 pub mod audit;
 pub mod clock;
 pub mod ids;

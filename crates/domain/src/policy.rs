@@ -150,6 +150,41 @@ pub fn can_read_chat_logs(actor: &Actor) -> bool {
     matches!(actor.role, Role::TenantAdmin | Role::Auditor)
 }
 
+/// Disposal (M12, S16) is carried out by tenant admins; auditors read the records and
+/// certificates.
+pub fn can_dispose(actor: &Actor) -> bool {
+    actor.role == Role::TenantAdmin
+}
+
+pub fn can_read_disposals(actor: &Actor) -> bool {
+    matches!(actor.role, Role::TenantAdmin | Role::Auditor)
+}
+
+/// A tenant disposal needs two people: the approver is a tenant admin other than the one
+/// who asked for it.
+pub fn approve_disposal(actor: &Actor, requested_by: &str) -> Decision {
+    if !can_dispose(actor) || actor.user_id == requested_by {
+        Decision::Forbidden
+    } else {
+        Decision::Allow
+    }
+}
+
+/// Alerts from the analysis of the audit log (S8): read by tenant admins and auditors,
+/// handled (acknowledged) by tenant admins.
+pub fn can_read_alerts(actor: &Actor) -> bool {
+    can_read_audit(actor)
+}
+
+pub fn can_handle_alerts(actor: &Actor) -> bool {
+    actor.role == Role::TenantAdmin
+}
+
+/// The export of all of a tenant's data for migration (S18) is the tenant admin's.
+pub fn can_export_tenant(actor: &Actor) -> bool {
+    actor.role == Role::TenantAdmin
+}
+
 /// Allowances, allocations and caps are the tenant admin's.
 pub fn can_set_usage_limits(actor: &Actor) -> bool {
     actor.role == Role::TenantAdmin
@@ -238,6 +273,28 @@ mod tests {
             role,
             department_path: path,
         }
+    }
+
+    #[test]
+    fn disposal_needs_a_second_tenant_admin() {
+        let admin = actor(Role::TenantAdmin, "総務部");
+        assert_eq!(approve_disposal(&admin, "me"), Decision::Forbidden);
+        assert_eq!(approve_disposal(&admin, "someone"), Decision::Allow);
+        for role in [
+            Role::DepartmentAdmin,
+            Role::Auditor,
+            Role::User,
+            Role::Support,
+        ] {
+            let a = actor(role, "総務部");
+            assert_eq!(approve_disposal(&a, "someone"), Decision::Forbidden);
+            assert!(!can_dispose(&a));
+            assert!(!can_export_tenant(&a));
+            assert!(!can_handle_alerts(&a));
+        }
+        assert!(can_read_disposals(&actor(Role::Auditor, "監査")));
+        assert!(can_read_alerts(&actor(Role::Auditor, "監査")));
+        assert!(!can_read_alerts(&actor(Role::DepartmentAdmin, "総務部")));
     }
 
     #[test]

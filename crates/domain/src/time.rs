@@ -8,7 +8,7 @@ fn jst() -> FixedOffset {
     FixedOffset::east_opt(9 * 3600).unwrap_or_else(|| Utc.fix())
 }
 
-fn to_jst(ms: i64) -> Option<DateTime<FixedOffset>> {
+pub fn to_jst(ms: i64) -> Option<DateTime<FixedOffset>> {
     Utc.timestamp_millis_opt(ms)
         .single()
         .map(|t| t.with_timezone(&jst()))

@@ -51,7 +51,15 @@
     focusErrors(document);
   }
 
-  // 3. Content swapped in by htmx may carry its own error summary.
+  // 3. Print buttons: <button data-print> (certificates).
+  document.addEventListener('click', function (event) {
+    var t = event.target;
+    if (t instanceof Element && t.closest('button[data-print]')) {
+      window.print();
+    }
+  });
+
+  // 4. Content swapped in by htmx may carry its own error summary.
   document.addEventListener('htmx:afterSwap', function (event) {
     var t = event.detail && event.detail.target;
     if (t instanceof Element) {

@@ -1108,6 +1108,15 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("retention.hold", "保全の設定"),
     ("retention.release", "保全の解除"),
     ("retention.purge", "保存期間を過ぎた記録の削除"),
+    ("disposal.user", "職員の記録の廃棄"),
+    ("disposal.department", "部署の記録の廃棄"),
+    ("disposal.request", "自治体の全データの廃棄の依頼"),
+    ("disposal.cancel", "廃棄の依頼の取消し"),
+    ("disposal.tenant", "自治体の全データの廃棄"),
+    ("disposal.certificate", "廃棄証明書の出力"),
+    ("tenant.export", "全データの書き出し"),
+    ("alert.raise", "アラートの検知"),
+    ("alert.acknowledge", "アラートの確認"),
 ];
 
 pub fn action_label(code: &str) -> String {

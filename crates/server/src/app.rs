@@ -787,6 +787,7 @@ pub fn router(state: Shared) -> Router {
         .merge(crate::logs_web::routes())
         .merge(crate::tokens_web::routes())
         .merge(crate::retention_web::routes())
+        .merge(crate::disposal_web::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .layer(DefaultBodyLimit::max(max_body));

@@ -10,6 +10,7 @@ pub mod chat_web;
 pub mod cli;
 pub mod config;
 pub mod csvout;
+pub mod disposal_web;
 pub mod error;
 pub mod form;
 pub mod logs_web;

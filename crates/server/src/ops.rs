@@ -13,7 +13,7 @@ use storage::{
     Department, ImportOutcome, NewUser, PendingImport, Session, User, UserStatus, UserUpdate,
 };
 
-fn decide(d: Decision) -> AppResult<()> {
+pub(crate) fn decide(d: Decision) -> AppResult<()> {
     match d {
         Decision::Allow => Ok(()),
         Decision::Forbidden => Err(AppError::Forbidden),

@@ -3426,3 +3426,570 @@ async fn retention_removes_exactly_what_is_older_than_the_policy_except_held() {
     fake.stop().await;
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- disposal
+
+/// Files under `dir` (the database, its write-ahead log, stored files) that hold `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    found.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Every text cell of every table that holds `needle`, as `table`.
+async fn rows_containing(s: &TestServer, needle: &str) -> Vec<String> {
+    use sqlx::{Column, Row};
+    let tables = [
+        "tenants",
+        "departments",
+        "users",
+        "login_attempts",
+        "sessions",
+        "audit_log",
+        "pending_imports",
+        "llm_providers",
+        "llm_models",
+        "conversations",
+        "messages",
+        "failures",
+        "usage_events",
+        "usage_counters",
+        "prompt_templates",
+        "template_favourites",
+        "template_uses",
+        "api_tokens",
+        "legal_holds",
+        "disposals",
+        "alerts",
+    ];
+    let mut found = Vec::new();
+    for t in tables {
+        for row in sqlx::query(&format!("SELECT * FROM {t}"))
+            .fetch_all(s.state.store.pool())
+            .await
+            .unwrap()
+        {
+            for (i, c) in row.columns().iter().enumerate() {
+                if let Ok(Some(v)) = row.try_get::<Option<String>, _>(i) {
+                    if v.contains(needle) {
+                        found.push(format!("{t}.{}", c.name()));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+fn csv_pairs(body: &str) -> std::collections::HashMap<String, String> {
+    let mut r =
+        csv::ReaderBuilder::new().from_reader(body.trim_start_matches('\u{feff}').as_bytes());
+    r.records()
+        .map(|x| {
+            let x = x.unwrap();
+            (x[0].to_string(), x[1].to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_disposed_user_leaves_no_trace_and_a_certificate() {
+    const CANARY_Q: &str = "カナリア質問QX7Z";
+    const CANARY_A: &str = "カナリア回答RS3M";
+    const CANARY_F: &str = "カナリア添付AT9K";
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["お答えします。".into(), CANARY_A.into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (u, _) = s.signed_in("haiki", "市民部/市民課", Role::User).await;
+    let (keep, _) = s.signed_in("nokoru", "市民部/市民課", Role::User).await;
+    let conv = new_conversation(&u).await;
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let r = u.http.post(u.url(&format!("/api/v1/conversations/{conv}/messages"))).header("x-csrf-token", u.csrf())
+        .json(&json!({"content": format!("{CANARY_Q}について教えて"), "model_id": model, "attachment": {"name": "メモ.txt", "data_base64": b64(format!("添付の本文 {CANARY_F}").as_bytes())}})).send().await.unwrap();
+    assert!(sse_events(r).await.iter().any(|(n, _)| n == "done"));
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["ほかの職員への回答".into()],
+        delay_ms: 0,
+    });
+    assert_eq!(ask(&keep, &model, "残る質問").await.0, StatusCode::OK);
+    // The scans see the canaries before: they would see them after.
+    for c in [CANARY_Q, CANARY_A, CANARY_F] {
+        assert!(!rows_containing(&s, c).await.is_empty(), "{c}");
+        if s.state.store.backend() == storage::Backend::Sqlite {
+            assert!(!files_containing(&s.data_dir, c).is_empty(), "{c}");
+        }
+    }
+
+    // Bad input: nothing happens.
+    let (aud, _) = s.signed_in("kansa", "監査委員事務局", Role::Auditor).await;
+    for (fields, message) in [
+        (
+            vec![
+                ("login_id", "haiki"),
+                ("confirm", "haik"),
+                ("reason", "退職"),
+            ],
+            "もう一度入力",
+        ),
+        (
+            vec![("login_id", "haiki"), ("confirm", "haiki"), ("reason", "")],
+            "廃棄の理由",
+        ),
+        (
+            vec![
+                ("login_id", "nobody"),
+                ("confirm", "nobody"),
+                ("reason", "退職"),
+            ],
+            "見つかりません",
+        ),
+        (
+            vec![
+                ("login_id", "admin01"),
+                ("confirm", "admin01"),
+                ("reason", "退職"),
+            ],
+            "自分自身",
+        ),
+    ] {
+        let r = a.post_form("/admin/disposal/user", &fields).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{fields:?}");
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains(message) && body.contains("何も削除していません"),
+            "{message}"
+        );
+    }
+    for c in [&keep, &aud] {
+        let r = c
+            .post_form(
+                "/admin/disposal/user",
+                &[
+                    ("login_id", "haiki"),
+                    ("confirm", "haiki"),
+                    ("reason", "退職"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+    // A hold stops both disposal and plain deletion.
+    let r = a
+        .post_form(
+            "/admin/retention/holds",
+            &[("login_id", "haiki"), ("reason", "訴訟対応")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = a
+        .post_form(
+            "/admin/disposal/user",
+            &[
+                ("login_id", "haiki"),
+                ("confirm", "haiki"),
+                ("reason", "退職"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("保全"));
+    let hold = s
+        .state
+        .store
+        .legal_holds(s.tenant_id())
+        .await
+        .unwrap()
+        .remove(0);
+    let uid = hold.user_id.clone().unwrap();
+    let (st, _) = a
+        .send_json(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/admin/users/{uid}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM messages").await, 4);
+    a.post_form(&format!("/admin/retention/holds/{}/delete", hold.id), &[])
+        .await;
+
+    // The disposal.
+    let r = a
+        .post_form(
+            "/admin/disposal/user",
+            &[
+                ("login_id", "haiki"),
+                ("confirm", "haiki"),
+                ("reason", "退職に伴う記録の廃棄"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cert = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(cert.starts_with("/admin/disposal/"), "{cert}");
+    for c in [CANARY_Q, CANARY_A, CANARY_F] {
+        assert_eq!(rows_containing(&s, c).await, Vec::<String>::new(), "{c}");
+        if s.state.store.backend() == storage::Backend::Sqlite {
+            assert_eq!(
+                files_containing(&s.data_dir, c),
+                Vec::<String>::new(),
+                "{c}"
+            );
+        }
+    }
+    // Nobody else's records went; the account and its sessions did.
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM messages").await, 2);
+    assert_eq!(
+        u.get("/api/v1/conversations").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        count_rows(
+            &s,
+            "SELECT COUNT(*) FROM usage_events WHERE user_login = '(廃棄済み)'"
+        )
+        .await,
+        1
+    );
+    // The certificate, as a page an auditor can print and as CSV.
+    let (st, page) = aud.get_text(&cert).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        page.contains("データ廃棄証明書") && page.contains("haiki") && page.contains("令和"),
+        "{page}"
+    );
+    assert!(page.contains("data-print"));
+    let (st, body) = aud.get_text(&format!("{cert}/certificate.csv")).await;
+    assert_eq!(st, StatusCode::OK);
+    let c = csv_pairs(&body);
+    assert!(
+        c["対象"].contains("haiki") && c["対象"].contains("市民部/市民課"),
+        "{c:?}"
+    );
+    assert!(c["実施者（依頼者）"].contains("admin01"));
+    assert_eq!(
+        c["削除件数: メッセージ（質問・回答・添付ファイルの本文）"],
+        "2"
+    );
+    assert_eq!(c["削除件数: 会話"], "1");
+    assert_eq!(c["削除件数: アカウント"], "1");
+    assert!(c["方法"].contains("削除"));
+    // Another tenant's admin cannot see it; the audit chain is whole.
+    assert_eq!(keep.get(&cert).await.status(), StatusCode::FORBIDDEN);
+    for rep in s.state.store.verify_audit().await.unwrap() {
+        assert!(rep.result.is_ok(), "{rep:?}");
+    }
+    let (_, audit) = a.get_json("/api/v1/admin/audit?action=disposal.user").await;
+    assert_eq!(audit["total"], 1, "{audit}");
+    fake.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_department_is_disposed_of_with_everything_below_it() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["はい。".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (x, _) = s.signed_in("kaigo1", "福祉部/介護課", Role::User).await;
+    let (y, _) = s
+        .signed_in("kaigo2", "福祉部/介護課/介護保険係", Role::User)
+        .await;
+    let (z, _) = s.signed_in("shimin1", "市民部", Role::User).await;
+    for c in [&x, &y, &z] {
+        assert_eq!(
+            ask(c, &model, "部署廃棄の確認カナリアDP5").await.0,
+            StatusCode::OK
+        );
+    }
+    let kaigo = dept_id(&a, "福祉部/介護課").await;
+    let r = a
+        .post_form(
+            "/admin/disposal/department",
+            &[
+                ("department_id", &kaigo),
+                ("confirm", "介護課"),
+                ("reason", "組織改編"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("福祉部/介護課"));
+    let r = a
+        .post_form(
+            "/admin/disposal/department",
+            &[
+                ("department_id", "no-such-id"),
+                ("confirm", "x"),
+                ("reason", "組織改編"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = a
+        .post_form(
+            "/admin/disposal/department",
+            &[
+                ("department_id", &kaigo),
+                ("confirm", "福祉部/介護課"),
+                ("reason", "組織改編"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (_, body) = a
+        .get_text(&format!(
+            "{}/certificate.csv",
+            r.headers()["location"].to_str().unwrap()
+        ))
+        .await;
+    let c = csv_pairs(&body);
+    assert_eq!(c["削除件数: アカウント"], "2", "{c:?}");
+    assert_eq!(c["削除件数: 部署"], "2");
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM messages").await, 2);
+    assert_eq!(
+        count_rows(
+            &s,
+            "SELECT COUNT(*) FROM departments WHERE path LIKE '福祉部/介護課%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count_rows(&s, "SELECT COUNT(*) FROM departments WHERE path = '福祉部'").await,
+        1
+    );
+    assert_eq!(
+        z.get("/api/v1/conversations").await.status(),
+        StatusCode::OK
+    );
+    // The admin's own department cannot go.
+    let own = dept_id(&a, "総務部/情報政策課").await;
+    let r = a
+        .post_form(
+            "/admin/disposal/department",
+            &[
+                ("department_id", &own),
+                ("confirm", "総務部/情報政策課"),
+                ("reason", "誤操作"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text().await.unwrap().contains("自分が所属する部署"));
+    fake.stop().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_disposal_needs_a_second_admin_and_leaves_a_certificate() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let (b, _) = s
+        .signed_in("admin02", "総務部/情報政策課", Role::TenantAdmin)
+        .await;
+    let (aud, _) = s.signed_in("kansa", "監査委員事務局", Role::Auditor).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["テナント廃棄カナリアTN4".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (u, _) = s.signed_in("shokuin", "市民部", Role::User).await;
+    assert_eq!(ask(&u, &model, "テナントの質問").await.0, StatusCode::OK);
+    let name = s
+        .state
+        .store
+        .tenant_by_id(s.tenant_id())
+        .await
+        .unwrap()
+        .name;
+    // Bad input: the name mistyped; then a request that expires unapproved.
+    let r = a
+        .post_form(
+            "/admin/disposal/tenant",
+            &[("reason", "契約満了"), ("confirm", "別の市")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let r = a
+        .post_form(
+            "/admin/disposal/tenant",
+            &[("reason", "契約満了"), ("confirm", &name)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = b
+        .post_form(
+            "/admin/disposal/tenant",
+            &[("reason", "二重"), ("confirm", &name)],
+        )
+        .await;
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("承認待ちの廃棄依頼がすでにあります"));
+    let pending = s
+        .state
+        .store
+        .disposals(s.tenant_id())
+        .await
+        .unwrap()
+        .remove(0);
+    let approve = format!("/admin/disposal/{}/approve", pending.id);
+    // The requester cannot approve; an auditor cannot either.
+    let r = a.post_form(&approve, &[("confirm", &name)]).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("依頼した本人は承認できません"));
+    assert_eq!(
+        aud.post_form(&approve, &[("confirm", &name)])
+            .await
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    s.clock.advance_ms(8 * 24 * HOUR_MS);
+    let (b, _) = s
+        .signed_in("admin03", "総務部/情報政策課", Role::TenantAdmin)
+        .await;
+    let r = b.post_form(&approve, &[("confirm", &name)]).await;
+    assert!(r.text().await.unwrap().contains("7日の承認期限"));
+    let r = b
+        .post_form(&format!("/admin/disposal/{}/cancel", pending.id), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM messages").await, 2);
+
+    // Asked again, approved by the other admin.
+    let (a, _) = s
+        .signed_in("admin04", "総務部/情報政策課", Role::TenantAdmin)
+        .await;
+    let r = a
+        .post_form(
+            "/admin/disposal/tenant",
+            &[("reason", "契約期間の満了"), ("confirm", &name)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let d = s
+        .state
+        .store
+        .disposals(s.tenant_id())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.status == "pending")
+        .unwrap();
+    let r = b
+        .post_form(
+            &format!("/admin/disposal/{}/approve", d.id),
+            &[("confirm", "違う名前")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let r = b
+        .post_form(
+            &format!("/admin/disposal/{}/approve", d.id),
+            &[("confirm", &name)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cert = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(cert.starts_with(&format!("/disposal-certificates/{}?key=", d.id)));
+    // Everything went; everyone is signed out; the registration and one audit record stay.
+    for t in [
+        "users",
+        "departments",
+        "messages",
+        "conversations",
+        "sessions",
+        "llm_providers",
+        "usage_events",
+    ] {
+        assert_eq!(
+            count_rows(&s, &format!("SELECT COUNT(*) FROM {t}")).await,
+            0,
+            "{t}"
+        );
+    }
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM audit_log").await, 1);
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM tenants").await, 1);
+    assert_eq!(
+        b.get("/api/v1/conversations").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    for rep in s.state.store.verify_audit().await.unwrap() {
+        assert!(rep.result.is_ok(), "{rep:?}");
+    }
+    assert!(rows_containing(&s, "テナント廃棄カナリアTN4")
+        .await
+        .is_empty());
+    if s.state.store.backend() == storage::Backend::Sqlite {
+        assert!(files_containing(&s.data_dir, "テナント廃棄カナリアTN4").is_empty());
+    }
+    // The certificate under its key, for anyone who has the key only.
+    let anon = s.client();
+    let (st, page) = anon.get_text(&cert).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        page.contains("自治体（テナント全体）")
+            && page.contains("admin03")
+            && page.contains("admin04"),
+        "{page}"
+    );
+    let key = cert.split("key=").nth(1).unwrap();
+    let (st, body) = anon
+        .get_text(&format!(
+            "/disposal-certificates/{}/certificate.csv?key={key}",
+            d.id
+        ))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let c = csv_pairs(&body);
+    assert!(c["承認者"].contains("admin03"), "{c:?}");
+    assert_eq!(
+        c["削除件数: メッセージ（質問・回答・添付ファイルの本文）"],
+        "2"
+    );
+    assert_eq!(
+        anon.get(&format!("/disposal-certificates/{}?key=wrong", d.id))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        anon.get(&format!("/disposal-certificates/{}", d.id))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    fake.stop().await;
+    s.stop().await;
+}

@@ -10,6 +10,7 @@
 mod audit;
 mod chat;
 mod departments;
+mod disposal;
 mod imports;
 mod logs;
 mod migrate;
@@ -26,6 +27,7 @@ pub use chat::{
     AnswerEnd, Conversation, Message, Model, ModelInput, NewTurn, Provider, ProviderInput,
 };
 pub use departments::Department;
+pub use disposal::{Disposal, Operator, REQUEST_VALID_MS};
 pub use imports::{ImportOutcome, PendingImport};
 pub use logs::{LogCursor, LogFilter, LogRow};
 pub use retention::{LegalHold, Purged};
@@ -138,7 +140,8 @@ impl Store {
                     if backend == Backend::Sqlite {
                         conn.execute(
                             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
-                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;",
+                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; \
+                             PRAGMA secure_delete=ON;",
                         )
                         .await?;
                     }

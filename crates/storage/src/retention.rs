@@ -27,7 +27,7 @@ pub struct Purged {
 
 /// Users under a hold, directly or through their department (or one above it), with `$1`
 /// the tenant. Used inside the deletes, so a held record is never touched.
-const HELD_USERS: &str = "(SELECT u.id FROM users u JOIN departments ud ON ud.id = u.department_id \
+pub(crate) const HELD_USERS: &str = "(SELECT u.id FROM users u JOIN departments ud ON ud.id = u.department_id \
     WHERE u.tenant_id = $1 AND ( \
     EXISTS (SELECT 1 FROM legal_holds h WHERE h.tenant_id = $1 AND h.user_id = u.id) \
     OR EXISTS (SELECT 1 FROM legal_holds h JOIN departments hd ON hd.id = h.department_id \

@@ -443,6 +443,12 @@ impl Store {
         {
             return Err(StorageError::Conflict(LAST_ADMIN.into()));
         }
+        // Deleting an account removes its conversations with it; a hold must stop that.
+        if crate::disposal::held(&mut tx, tenant_id, id).await? {
+            return Err(StorageError::Conflict(
+                "この職員の記録は保全（リーガルホールド）中のため削除できません。保全を解除するか、無効化してください。".into(),
+            ));
+        }
         let ended = sqlx::query("DELETE FROM sessions WHERE tenant_id = $1 AND user_id = $2")
             .bind(tenant_id)
             .bind(id)
