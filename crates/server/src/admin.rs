@@ -1115,7 +1115,6 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("disposal.tenant", "自治体の全データの廃棄"),
     ("disposal.certificate", "廃棄証明書の出力"),
     ("tenant.export", "全データの書き出し"),
-    ("alert.raise", "アラートの検知"),
     ("alert.acknowledge", "アラートの確認"),
 ];
 

@@ -788,6 +788,7 @@ pub fn router(state: Shared) -> Router {
         .merge(crate::tokens_web::routes())
         .merge(crate::retention_web::routes())
         .merge(crate::disposal_web::routes())
+        .merge(crate::alerts_web::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .layer(DefaultBodyLimit::max(max_body));

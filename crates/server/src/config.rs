@@ -46,6 +46,36 @@ pub struct Config {
     pub log_format: String,
     pub security: SecurityConfig,
     pub llm: LlmConfig,
+    pub smtp: SmtpConfig,
+}
+
+/// The mail relay alerts go through (e.g. the office's relay on LGWAN). Without a host,
+/// alerts are shown in the admin pages only.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    /// `starttls` (default), `tls` (implicit, usually port 465) or `none` (a relay on the
+    /// same closed network that speaks plain SMTP).
+    pub security: String,
+    pub username: String,
+    pub password: Secret,
+    /// The sender, e.g. `yakuba@city.example.lg.jp`.
+    pub from: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            port: 587,
+            security: "starttls".into(),
+            username: String::new(),
+            password: Secret::default(),
+            from: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -97,6 +127,7 @@ impl Default for Config {
             log_format: "text".into(),
             security: SecurityConfig::default(),
             llm: LlmConfig::default(),
+            smtp: SmtpConfig::default(),
         }
     }
 }
@@ -212,6 +243,17 @@ impl Config {
                 "default_tenant は半角英数字で指定してください".into(),
             ));
         }
+        let m = &self.smtp;
+        if !matches!(m.security.as_str(), "starttls" | "tls" | "none") {
+            return Err(ConfigError::Invalid(
+                "smtp.security は starttls, tls, none のいずれかです".into(),
+            ));
+        }
+        if !m.host.is_empty() && (m.from.is_empty() || !m.from.contains('@')) {
+            return Err(ConfigError::Invalid(
+                "smtp.from に送信元のメールアドレスを指定してください".into(),
+            ));
+        }
         let s = &self.security;
         if !(8..=1024 * 1024).contains(&s.password_hash_memory_kib)
             || !(1..=10).contains(&s.password_hash_iterations)
@@ -271,12 +313,20 @@ fn set_path(table: &mut toml::Table, keys: &[String], v: toml::Value) -> Result<
     }
 }
 
-/// `<secret>_file = "/run/secrets/x"` becomes `<secret> = <contents of the file>`.
+/// `<secret>_file = "/run/secrets/x"` becomes `<secret> = <contents of the file>`, at the
+/// top level (`database_url_file`) or in a section (`[smtp] password_file`).
 fn resolve_files(table: &mut toml::Table) -> Result<(), ConfigError> {
-    const SECRETS: &[&str] = &["database_url"];
-    for key in SECRETS {
+    const SECRETS: &[(Option<&str>, &str)] = &[(None, "database_url"), (Some("smtp"), "password")];
+    for (section, key) in SECRETS {
+        let t = match section {
+            None => &mut *table,
+            Some(name) => match table.get_mut(*name).and_then(|v| v.as_table_mut()) {
+                Some(t) => t,
+                None => continue,
+            },
+        };
         let file_key = format!("{key}_file");
-        if let Some(v) = table.remove(&file_key) {
+        if let Some(v) = t.remove(&file_key) {
             let path = v
                 .as_str()
                 .ok_or_else(|| ConfigError::Invalid(format!("{file_key} はファイルのパスです")))?
@@ -285,7 +335,7 @@ fn resolve_files(table: &mut toml::Table) -> Result<(), ConfigError> {
                 path: path.clone(),
                 err: e.to_string(),
             })?;
-            table.insert(
+            t.insert(
                 (*key).to_string(),
                 toml::Value::String(text.trim().to_string()),
             );
@@ -373,5 +423,31 @@ mod tests {
         .unwrap();
         assert_eq!(c.database_url(), "postgres://app:hunter2@db/yakuba");
         assert!(!format!("{c:?}").contains("hunter2"));
+        // The SMTP password too, from a file in its section.
+        let p = dir.path().join("smtp");
+        std::fs::write(&p, "mail-secret\n").unwrap();
+        let c = Config::load(
+            None,
+            env(&[
+                ("YAKUBA_SMTP__HOST", "relay.city.lg.jp"),
+                ("YAKUBA_SMTP__FROM", "yakuba@city.lg.jp"),
+                ("YAKUBA_SMTP__PASSWORD_FILE", p.to_str().unwrap()),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.smtp.password.expose(), "mail-secret");
+        assert!(!format!("{c:?}").contains("mail-secret"));
+    }
+
+    #[test]
+    fn smtp_settings_are_checked() {
+        for (vars, message) in [
+            (vec![("YAKUBA_SMTP__SECURITY", "ssl")], "smtp.security"),
+            (vec![("YAKUBA_SMTP__HOST", "relay.city.lg.jp")], "smtp.from"),
+        ] {
+            let e = Config::load(None, env(&vars), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(message), "{e}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The `yakuba` server: routes, pages, the JSON API, sessions and the command line.
 
 pub mod admin;
+pub mod alerts_web;
 pub mod api;
 pub mod app;
 pub mod assets;
@@ -136,6 +137,9 @@ pub fn spawn_housekeeping(state: Shared) -> tokio::task::JoinHandle<()> {
                 Ok(n) if n > 0 => tracing::info!(sessions = n, "expired sessions removed"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "session housekeeping failed"),
+            }
+            if let Err(e) = alerts_web::run(&state).await {
+                tracing::warn!(error = %e, "audit log analysis failed");
             }
             if let Err(e) = retention_web::run(&state).await {
                 tracing::warn!(error = %e, "retention run failed");

@@ -3993,3 +3993,151 @@ async fn a_tenant_disposal_needs_a_second_admin_and_leaves_a_certificate() {
     fake.stop().await;
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- alerts
+
+async fn login_from(s: &TestServer, login_id: &str, password: &str, ip: &str) -> StatusCode {
+    reqwest::Client::new()
+        .post(format!("{}/api/v1/auth/login", s.url))
+        .header("x-forwarded-for", ip)
+        .json(&json!({"login_id": login_id, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn the_audit_log_is_analysed_into_alerts_that_are_shown_and_mailed() {
+    let sink = testkit::fakes::SmtpSink::start().await;
+    let port = sink.port;
+    let s = TestServer::start_with(move |c| {
+        c.trust_proxy_headers = true;
+        c.smtp.host = "127.0.0.1".into();
+        c.smtp.port = port;
+        c.smtp.security = "none".into();
+        c.smtp.from = "yakuba@city.example.lg.jp".into();
+    })
+    .await;
+    let a = admin(&s).await;
+    sqlx_exec(
+        &s.state.store,
+        "UPDATE users SET email = 'joho@city.example.lg.jp' WHERE login_id = 'admin01'",
+    )
+    .await;
+    // Normal use raises nothing.
+    assert_eq!(
+        login_from(&s, "admin01", PASSWORD, "127.0.0.1").await,
+        StatusCode::OK
+    );
+    assert!(server::alerts_web::run(&s.state).await.unwrap().is_empty());
+    // Ten failed sign-ins in five minutes against one (unknown) account from one address.
+    for _ in 0..10 {
+        assert_eq!(
+            login_from(&s, "ghost", "guess-123", "203.0.113.50").await,
+            StatusCode::UNAUTHORIZED
+        );
+        s.clock.advance_ms(20_000);
+    }
+    // A sign-in from an address this account never used.
+    assert_eq!(
+        login_from(&s, "admin01", PASSWORD, "198.51.100.77").await,
+        StatusCode::OK
+    );
+    let raised = server::alerts_web::run(&s.state).await.unwrap();
+    let mut rules: Vec<&str> = raised.iter().map(|a| a.rule.as_str()).collect();
+    rules.sort();
+    assert_eq!(
+        rules,
+        [
+            "new_address",
+            "signin_failures_account",
+            "signin_failures_address"
+        ],
+        "{raised:?}"
+    );
+    // The analysis again, and after more events: nothing twice.
+    assert!(server::alerts_web::run(&s.state).await.unwrap().is_empty());
+    // A bulk export at 22:00 on a weekday.
+    s.clock.advance_ms(13 * HOUR_MS);
+    let a = {
+        let _ = a;
+        admin_again(&s).await
+    };
+    let r = a.get("/admin/audit.csv").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let raised = server::alerts_web::run(&s.state).await.unwrap();
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(raised[0].rule, "offhours_export");
+    // Mailed to the tenant admin with an address, in Japanese.
+    let mails = sink.mails();
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    assert_eq!(mails[0].to, ["joho@city.example.lg.jp"]);
+    assert!(
+        mails[0].subject().contains("セキュリティのアラート 3件"),
+        "{}",
+        mails[0].subject()
+    );
+    let body = mails[0].body();
+    assert!(
+        body.contains("ghost") && body.contains("203.0.113.50"),
+        "{body}"
+    );
+    assert!(mails[1].body().contains("勤務時間外"));
+    // The page, each alert linked to its events; an auditor reads, only an admin acknowledges.
+    let (st, page) = a.get_text("/admin/alerts").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(page.contains("未確認のアラート: <strong>4件"), "{page}");
+    let failures = raised_id(&s, "signin_failures_account").await;
+    let (_, detail) = a.get_text(&format!("/admin/alerts/{failures}")).await;
+    assert_eq!(detail.matches("ログイン</td>").count(), 10, "{detail}");
+    assert!(detail.contains("ghost") && detail.contains("失敗"));
+    let (aud, _) = s.signed_in("kansa", "監査委員事務局", Role::Auditor).await;
+    assert_eq!(aud.get("/admin/alerts").await.status(), StatusCode::OK);
+    let r = aud
+        .post_form(
+            &format!("/admin/alerts/{failures}/acknowledge"),
+            &[("note", "x")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let (staff, _) = s.signed_in("shokuin", "市民部", Role::User).await;
+    assert_eq!(
+        staff.get("/admin/alerts").await.status(),
+        StatusCode::FORBIDDEN
+    );
+    let r = a
+        .post_form(
+            &format!("/admin/alerts/{failures}/acknowledge"),
+            &[("note", "存在しないIDへの攻撃。アドレスを遮断した")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (_, page) = a.get_text("/admin/alerts").await;
+    assert!(page.contains("未確認のアラート: <strong>3件"));
+    let (_, audit) = a
+        .get_json("/api/v1/admin/audit?action=alert.acknowledge")
+        .await;
+    assert_eq!(audit["total"], 1, "{audit}");
+    sink.stop();
+    s.stop().await;
+}
+
+async fn admin_again(s: &TestServer) -> Client {
+    let c = s.client();
+    let (st, body) = c.login("admin01", PASSWORD).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    c
+}
+
+async fn raised_id(s: &TestServer, rule: &str) -> String {
+    s.state
+        .store
+        .alerts(s.tenant_id(), false, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.rule == rule)
+        .unwrap()
+        .id
+}

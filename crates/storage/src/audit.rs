@@ -134,7 +134,7 @@ fn clean(s: &str, max: usize) -> String {
         .collect()
 }
 
-fn record_from(row: &AnyRow) -> Result<AuditRecord> {
+pub(crate) fn record_from(row: &AnyRow) -> Result<AuditRecord> {
     Ok(AuditRecord {
         tenant_id: get_str(row, "tenant_id")?,
         seq: get_i64(row, "seq")?,

@@ -7,6 +7,7 @@
 //! tenant's hash chain in the same transaction, so a change and its record land together or
 //! not at all.
 
+mod alerts;
 mod audit;
 mod chat;
 mod departments;
@@ -22,6 +23,7 @@ mod tokens;
 mod usage;
 mod users;
 
+pub use alerts::AlertRecord;
 pub use audit::{AuditEvent, AuditFilter, ChainReport};
 pub use chat::{
     AnswerEnd, Conversation, Message, Model, ModelInput, NewTurn, Provider, ProviderInput,
