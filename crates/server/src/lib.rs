@@ -5,6 +5,7 @@ pub mod alerts_web;
 pub mod api;
 pub mod app;
 pub mod assets;
+pub mod backup;
 pub mod charts;
 pub mod chat;
 pub mod chat_web;

@@ -4141,3 +4141,164 @@ async fn raised_id(s: &TestServer, rule: &str) -> String {
         .unwrap()
         .id
 }
+
+// ---------------------------------------------------------------- backup and restore
+
+/// Every row of every table, as text, in a stable order: to compare two databases.
+async fn dump(store: &storage::Store) -> Vec<String> {
+    use sqlx::Row;
+    let tables = [
+        "tenants",
+        "departments",
+        "users",
+        "audit_heads",
+        "audit_log",
+        "llm_providers",
+        "llm_models",
+        "conversations",
+        "messages",
+        "usage_events",
+        "usage_counters",
+        "prompt_templates",
+        "legal_holds",
+        "disposals",
+        "alerts",
+    ];
+    let mut out = Vec::new();
+    for t in tables {
+        let mut rows: Vec<String> = sqlx::query(&format!("SELECT * FROM {t}"))
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        r.try_get::<Option<String>, _>(i)
+                            .map(|v| format!("{v:?}"))
+                            .or_else(|_| r.try_get::<Option<i64>, _>(i).map(|v| format!("{v:?}")))
+                            .unwrap_or_else(|_| "?".into())
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect();
+        rows.sort();
+        out.extend(rows.into_iter().map(|r| format!("{t}: {r}")));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_backup_taken_during_use_restores_to_a_working_copy() {
+    // SQLite whatever the suite runs on: this is the embedded deployment's backup.
+    let s = TestServer::start_with(|c| {
+        c.llm.allow_internal_provider_urls = true;
+        c.database_url = server::config::Secret::default();
+    })
+    .await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["バックアップ前の回答".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (u, _) = s.signed_in("riyou", "市民部", Role::User).await;
+    for i in 0..3 {
+        assert_eq!(ask(&u, &model, &format!("質問{i}")).await.0, StatusCode::OK);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // An idle backup restores to exactly the same rows.
+    let idle = dir.path().join("idle");
+    let (ok, out) = yakuba(&s.data_dir, &["backup", idle.to_str().unwrap()]);
+    assert!(ok && out.contains("バックアップを作成しました"), "{out}");
+    let restored = dir.path().join("restored");
+    let (ok, out) = yakuba(&restored, &["restore", idle.to_str().unwrap()]);
+    assert!(ok && out.contains("改ざんは見つかりません"), "{out}");
+    let copy = storage::Store::connect(
+        &format!("sqlite://{}", restored.join("yakuba.db").display()),
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(dump(&s.state.store).await, dump(&copy).await);
+    copy.close().await;
+
+    // A backup while staff keep chatting.
+    let before = count_rows(&s, "SELECT COUNT(*) FROM messages").await;
+    let busy = dir.path().join("busy");
+    let chatting = {
+        let (u, model) = (u, model.clone());
+        tokio::spawn(async move {
+            for i in 0..15 {
+                assert_eq!(
+                    ask(&u, &model, &format!("バックアップ中の質問{i}")).await.0,
+                    StatusCode::OK
+                );
+            }
+        })
+    };
+    let (data, target) = (s.data_dir.clone(), busy.clone());
+    let (ok, out) =
+        tokio::task::spawn_blocking(move || yakuba(&data, &["backup", target.to_str().unwrap()]))
+            .await
+            .unwrap();
+    chatting.await.unwrap();
+    assert!(ok, "{out}");
+    // Bad input: the same destination again; a tampered copy; not a backup at all.
+    let (ok, out) = yakuba(&s.data_dir, &["backup", busy.to_str().unwrap()]);
+    assert!(!ok && out.contains("空ではありません"), "{out}");
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for f in ["manifest.json", "yakuba.db"] {
+        std::fs::copy(busy.join(f), broken.join(f)).unwrap();
+    }
+    let len = std::fs::metadata(broken.join("yakuba.db")).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(broken.join("yakuba.db"))
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (ok, out) = yakuba(&restored, &["restore", "--force", broken.to_str().unwrap()]);
+    assert!(!ok && out.contains("目録と一致しません"), "{out}");
+    let (ok, out) = yakuba(&restored, &["restore", dir.path().to_str().unwrap()]);
+    assert!(!ok && out.contains("バックアップではありません"), "{out}");
+    let (ok, out) = yakuba(&restored, &["restore", busy.to_str().unwrap()]);
+    assert!(!ok && out.contains("--force"), "{out}");
+    // Nothing was touched by the refusals: the idle copy is still there, whole.
+    let copy = storage::Store::connect(
+        &format!("sqlite://{}", restored.join("yakuba.db").display()),
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(copy.integrity_check().await.unwrap(), "ok");
+    copy.close().await;
+    let (ok, out) = yakuba(&restored, &["restore", "--force", busy.to_str().unwrap()]);
+    assert!(ok && out.contains("退避しました"), "{out}");
+
+    // The restored copy is a working yakuba: staff sign in and find their conversations.
+    let r = TestServer::start_with(|c| {
+        c.database_url = server::config::Secret::default();
+        c.data_dir = restored.clone();
+    })
+    .await;
+    let n = count_rows(&r, "SELECT COUNT(*) FROM messages").await;
+    assert!(n >= before && n <= before + 30, "{before} → {n}");
+    assert_eq!(n % 2, 0, "every question with its answer");
+    let c = r.client();
+    assert_eq!(c.login("riyou", PASSWORD).await.0, StatusCode::OK);
+    let (_, convs) = c.get_json("/api/v1/conversations").await;
+    assert!(
+        convs["conversations"].as_array().unwrap().len() >= 3,
+        "{convs}"
+    );
+    for rep in r.state.store.verify_audit().await.unwrap() {
+        assert!(rep.result.is_ok(), "{rep:?}");
+    }
+    r.stop().await;
+    fake.stop().await;
+    s.stop().await;
+}

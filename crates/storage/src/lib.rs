@@ -9,6 +9,7 @@
 
 mod alerts;
 mod audit;
+mod backup;
 mod chat;
 mod departments;
 mod disposal;
@@ -32,6 +33,7 @@ pub use departments::Department;
 pub use disposal::{Disposal, Operator, REQUEST_VALID_MS};
 pub use imports::{ImportOutcome, PendingImport};
 pub use logs::{LogCursor, LogFilter, LogRow};
+pub use migrate::LATEST as LATEST_SCHEMA;
 pub use retention::{LegalHold, Purged};
 pub use sessions::{AttemptRecord, LoginAttempt, Session};
 pub use templates::{PromptTemplate, TemplateInput, Viewer};

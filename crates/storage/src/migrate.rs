@@ -59,6 +59,9 @@ const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The newest schema this binary knows.
+pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
 const LOCK_KEY: i64 = 0x7961_6b75_6261; // "yakuba"
 
 pub(crate) async fn run(store: &Store) -> Result<Vec<i64>> {
