@@ -789,6 +789,7 @@ pub fn router(state: Shared) -> Router {
         .merge(crate::retention_web::routes())
         .merge(crate::disposal_web::routes())
         .merge(crate::alerts_web::routes())
+        .merge(crate::tenant_export::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .layer(DefaultBodyLimit::max(max_body));

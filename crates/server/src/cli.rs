@@ -54,6 +54,19 @@ enum Command {
         /// 保存先のディレクトリ（新しく作られます）
         dest: PathBuf,
     },
+    /// 自治体の全データを ZIP に書き出す（移行用）
+    Export {
+        /// 書き出すファイル（.zip）
+        out: PathBuf,
+        /// 自治体の識別名（既定: 設定の default_tenant）
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// 書き出した ZIP を、新しい自治体として取り込む
+    Import {
+        /// yakuba export で書き出したファイル
+        file: PathBuf,
+    },
     /// バックアップから復元する（サービスを停止してから実行）
     Restore {
         /// バックアップのディレクトリ
@@ -210,6 +223,39 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export { out, tenant } => {
+            let (store, _) = crate::open_store(&config, clock.now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            let result = export_cli(&store, &config, &out, tenant.as_deref(), clock.now_ms()).await;
+            store.close().await;
+            result
+        }
+        Command::Import { file } => {
+            let (store, _) = crate::open_store(&config, clock.now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            let result = crate::tenant_export::import(&store, &file).await;
+            let verified = store.verify_audit().await.map_err(|e| e.to_string());
+            store.close().await;
+            let (m, counts) = result?;
+            tracing::info!(tenant = %m.tenant_slug, file = %file.display(), "tenant imported");
+            println!(
+                "自治体「{}」（{}）を取り込みました（{} に書き出されたもの）。",
+                m.tenant_name, m.tenant_slug, m.exported_at
+            );
+            for (table, n) in counts {
+                println!("  {table}: {n}件");
+            }
+            println!("パスワードと API キーは移行されません。yakuba admin reset-password --tenant {} で仮パスワードを発行し、AI サービスの API キーを管理画面で設定してください。", m.tenant_slug);
+            if verified?.iter().all(|r| r.result.is_ok()) {
+                println!("監査ログのハッシュチェーンを検証しました。改ざんは見つかりません。");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("注意: 監査ログの検証に失敗しました（yakuba audit verify で詳細を確認してください）。");
+                Ok(ExitCode::from(1))
+            }
+        }
         Command::Restore { src, force } => {
             let message = crate::backup::restore(&config, &src, force, clock.now_ms()).await?;
             // Open it as the service would: migrations, the chain.
@@ -263,6 +309,53 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+async fn export_cli(
+    store: &Store,
+    config: &Config,
+    out: &std::path::Path,
+    tenant: Option<&str>,
+    now: i64,
+) -> Result<ExitCode, String> {
+    let t = tenant_of(store, config, tenant).await?;
+    if out.exists() {
+        return Err(format!(
+            "{} はすでにあります。別のファイル名を指定してください。",
+            out.display()
+        ));
+    }
+    // Written under a temporary name and renamed when complete.
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let file = std::fs::File::create(&partial)
+        .map_err(|e| format!("{} を作成できません: {e}", partial.display()))?;
+    let m = match crate::tenant_export::export(store, &t, file, now).await {
+        Ok((m, _)) => m,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, out).map_err(|e| e.to_string())?;
+    let rows: u64 = m.files.iter().map(|f| f.rows).sum();
+    store
+        .append_audit(&cli_event(&t.id, now).with(
+            "tenant.export",
+            format!("tenant:{}", t.id),
+            serde_json::json!({"files": m.files.len(), "rows": rows, "via": "cli"}),
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "自治体「{}」の全データを {} に書き出しました（{} 表、{} 件）。",
+        t.name,
+        out.display(),
+        m.files.len(),
+        rows
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn tenant_of(

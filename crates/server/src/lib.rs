@@ -23,6 +23,7 @@ pub mod ops;
 pub mod pages;
 pub mod retention_web;
 pub mod templates_web;
+pub mod tenant_export;
 pub mod tokens_web;
 pub mod usage;
 pub mod usage_web;

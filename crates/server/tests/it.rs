@@ -4302,3 +4302,241 @@ async fn a_backup_taken_during_use_restores_to_a_working_copy() {
     fake.stop().await;
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- tenant export and import
+
+fn zip_entries(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut z = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    (0..z.len())
+        .map(|i| {
+            let mut f = z.by_index(i).unwrap();
+            let name = f.name().unwrap().to_string();
+            let mut b = Vec::new();
+            f.read_to_end(&mut b).unwrap();
+            (name, b)
+        })
+        .collect()
+}
+
+/// Writes a zip with `entries`, the manifest's hashes recomputed when `rehash`.
+fn write_zip(path: &std::path::Path, entries: &[(String, Vec<u8>)], rehash: bool) {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut entries = entries.to_vec();
+    if rehash {
+        let i = entries
+            .iter()
+            .position(|(n, _)| n == "manifest.json")
+            .unwrap();
+        let mut m: Value = serde_json::from_slice(&entries[i].1).unwrap();
+        for f in m["files"].as_array_mut().unwrap() {
+            let body = &entries
+                .iter()
+                .find(|(n, _)| n == f["path"].as_str().unwrap())
+                .unwrap()
+                .1;
+            f["bytes"] = json!(body.len());
+            f["sha256"] = json!(hex::encode(sha2::Sha256::digest(body)));
+        }
+        entries[i].1 = serde_json::to_vec(&m).unwrap();
+    }
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    for (n, b) in &entries {
+        z.start_file(n.as_str(), zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(b).unwrap();
+    }
+    z.finish().unwrap();
+}
+
+fn manifest_hashes(entries: &[(String, Vec<u8>)]) -> Vec<(String, String, u64)> {
+    let m: Value = serde_json::from_slice(
+        &entries
+            .iter()
+            .find(|(n, _)| n == "manifest.json")
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["sha256"].as_str().unwrap().to_string(),
+                f["rows"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    fake.set_default(testkit::fakes::Script::Answer {
+        chunks: vec!["回答には「引用」と,カンマと\n改行があります。".into()],
+        delay_ms: 0,
+    });
+    let model = add_model(&a, "fake", "openai", &fake.base_url, "m", vec![]).await;
+    let (u, _) = s.signed_in("ikou", "税務部/市民税課", Role::User).await;
+    for q in ["住民税の減免について", "納税相談の記録を要約して"] {
+        assert_eq!(ask(&u, &model, q).await.0, StatusCode::OK);
+    }
+    let r = u
+        .post_form(
+            "/templates/new",
+            &[
+                ("scope", "personal"),
+                ("category", "税務"),
+                ("title", "移行テスト"),
+                ("body", "{{内容}}を要約してください。"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    a.post_form(
+        "/admin/retention/holds",
+        &[("login_id", "ikou"), ("reason", "移行の確認")],
+    )
+    .await;
+    // Only a tenant admin may export everything.
+    let (aud, _) = s.signed_in("kansa", "監査委員事務局", Role::Auditor).await;
+    assert_eq!(
+        aud.post_form("/admin/export", &[]).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(u.get("/admin/export").await.status(), StatusCode::FORBIDDEN);
+    let (st, page) = a.get_text("/admin/export").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(page.contains("JSON Lines"));
+    let r = a.post_form("/admin/export", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/zip");
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.zip");
+    std::fs::write(&first, r.bytes().await.unwrap()).unwrap();
+    let entries = zip_entries(&first);
+    let hashes = manifest_hashes(&entries);
+    let rows = |name: &str| hashes.iter().find(|h| h.0 == name).unwrap().2;
+    assert_eq!(rows("messages.jsonl"), 4);
+    assert_eq!(rows("prompt_templates.jsonl"), 1);
+    assert_eq!(rows("legal_holds.jsonl"), 1);
+    // No secret leaves in the file.
+    for (name, body) in &entries {
+        let text = String::from_utf8_lossy(body);
+        assert!(
+            !text.contains("sk-test-key") && !text.contains("$argon2"),
+            "{name}"
+        );
+    }
+    let messages = String::from_utf8(
+        entries
+            .iter()
+            .find(|e| e.0 == "messages.jsonl")
+            .unwrap()
+            .1
+            .clone(),
+    )
+    .unwrap();
+    assert!(
+        messages.contains("「引用」と,カンマと\\n改行"),
+        "{messages}"
+    );
+    let (_, audit) = a.get_json("/api/v1/admin/audit?action=tenant.export").await;
+    assert_eq!(audit["total"], 1);
+
+    // Into another yakuba, whose own tenant is another city.
+    let t = TestServer::start_with(|c| c.default_tenant = "other".into()).await;
+    let (m, counts) = server::tenant_export::import(&t.state.store, &first)
+        .await
+        .unwrap();
+    assert_eq!(m.tenant_slug, "default");
+    assert!(
+        counts.iter().any(|(t, n)| t == "messages" && *n == 4),
+        "{counts:?}"
+    );
+    let second = dir.path().join("second.zip");
+    let tenant = t.state.store.tenant_by_slug("default").await.unwrap();
+    server::tenant_export::export(
+        &t.state.store,
+        &tenant,
+        std::fs::File::create(&second).unwrap(),
+        t.now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(manifest_hashes(&zip_entries(&second)), hashes);
+    for rep in t.state.store.verify_audit().await.unwrap() {
+        assert!(rep.result.is_ok(), "{rep:?}");
+    }
+    // Passwords did not travel: the old one does not sign in (and nothing breaks).
+    assert_eq!(
+        login_from(&t, "ikou", PASSWORD, "127.0.0.1").await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Bad input: the same tenant again; a changed file; a truncated zip; a row of another
+    // tenant with hashes that match. Nothing is written.
+    let before = count_rows(&t, "SELECT COUNT(*) FROM messages").await;
+    let e = server::tenant_export::import(&t.state.store, &first)
+        .await
+        .unwrap_err();
+    assert!(e.contains("すでにあります"), "{e}");
+    let fresh = TestServer::start_with(|c| c.default_tenant = "third".into()).await;
+    let changed = dir.path().join("changed.zip");
+    let mut edited = entries.clone();
+    for (n, b) in edited.iter_mut() {
+        if n == "messages.jsonl" {
+            *b = String::from_utf8(b.clone())
+                .unwrap()
+                .replace("減免", "免除")
+                .into_bytes();
+        }
+    }
+    write_zip(&changed, &edited, false);
+    let e = server::tenant_export::import(&fresh.state.store, &changed)
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("messages.jsonl のハッシュが目録と一致しません"),
+        "{e}"
+    );
+    let truncated = dir.path().join("truncated.zip");
+    let bytes = std::fs::read(&first).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let e = server::tenant_export::import(&fresh.state.store, &truncated)
+        .await
+        .unwrap_err();
+    assert!(e.contains("ZIP ファイルとして読めません"), "{e}");
+    let foreign = dir.path().join("foreign.zip");
+    let mut edited = entries.clone();
+    let other_id = fresh.tenant_id().to_string();
+    for (n, b) in edited.iter_mut() {
+        if n == "conversations.jsonl" {
+            *b = String::from_utf8(b.clone())
+                .unwrap()
+                .replacen(&m.tenant_id, &other_id, 1)
+                .into_bytes();
+        }
+    }
+    write_zip(&foreign, &edited, true);
+    let e = server::tenant_export::import(&fresh.state.store, &foreign)
+        .await
+        .unwrap_err();
+    assert!(e.contains("別の自治体の行"), "{e}");
+    assert_eq!(count_rows(&fresh, "SELECT COUNT(*) FROM users").await, 0);
+    assert_eq!(count_rows(&fresh, "SELECT COUNT(*) FROM tenants").await, 1);
+    assert_eq!(
+        count_rows(&t, "SELECT COUNT(*) FROM messages").await,
+        before
+    );
+    fresh.stop().await;
+    t.stop().await;
+    fake.stop().await;
+    s.stop().await;
+}

@@ -13,6 +13,7 @@ mod backup;
 mod chat;
 mod departments;
 mod disposal;
+mod exchange;
 mod imports;
 mod logs;
 mod migrate;
@@ -31,6 +32,7 @@ pub use chat::{
 };
 pub use departments::Department;
 pub use disposal::{Disposal, Operator, REQUEST_VALID_MS};
+pub use exchange::{ExportItem, EXPORT_TABLES, IMPORT_END};
 pub use imports::{ImportOutcome, PendingImport};
 pub use logs::{LogCursor, LogFilter, LogRow};
 pub use migrate::LATEST as LATEST_SCHEMA;
