@@ -4540,3 +4540,49 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     fake.stop().await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn tenant_export_keeps_memory_flat() {
+    use std::io::Write;
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let (_, u) = s.signed_in("taryou", "総務部", Role::User).await;
+    fill_log(&s, &u.id, 25_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.zip");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let before = rss_mb();
+    let peak = std::sync::Arc::new(std::sync::Mutex::new(before));
+    let watch = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let mut p = peak.lock().unwrap();
+                    *p = p.max(rss_mb());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut r = a.post_form("/admin/export", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        out.write_all(&chunk).unwrap();
+    }
+    watch.abort();
+    let growth = *peak.lock().unwrap() - before;
+    let entries = manifest_hashes(&zip_entries(&path));
+    let (_, _, rows) = entries.iter().find(|e| e.0 == "messages.jsonl").unwrap();
+    assert_eq!(*rows, 50_000);
+    let json_mb = zip_entries(&path)
+        .iter()
+        .find(|e| e.0 == "messages.jsonl")
+        .map(|e| e.1.len() as f64 / 1e6)
+        .unwrap();
+    println!("tenant export: {json_mb:.0} MB of messages; memory grew by {growth:.1} MB");
+    // Holding the rows would take more than their size as JSON.
+    assert!(json_mb > 35.0, "{json_mb}");
+    assert!(growth < 25.0, "memory grew by {growth:.1} MB");
+    s.stop().await;
+}
