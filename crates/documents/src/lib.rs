@@ -5,6 +5,12 @@
 
 use std::panic::AssertUnwindSafe;
 
+pub mod chunk;
+pub mod ocr;
+pub mod pages;
+
+pub use pages::{detect, extract_pages, Kind, Page};
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DocError {
     #[error("unsupported file type")]
@@ -17,6 +23,14 @@ pub enum DocError {
     BadPdf,
     #[error("the PDF has no text layer")]
     NoText,
+    #[error("the PDF is encrypted")]
+    Encrypted,
+    #[error("the Office file could not be read")]
+    BadOffice,
+    #[error("the archive expands too far")]
+    ZipBomb,
+    #[error("too many pages")]
+    TooManyPages,
 }
 
 impl DocError {
@@ -28,6 +42,20 @@ impl DocError {
             DocError::Encoding => "添付ファイルの文字コードを判別できません。UTF-8 または Shift_JIS で保存してください。",
             DocError::BadPdf => "PDF を読み取れません（壊れているか、パスワードで保護されています）。",
             DocError::NoText => "この PDF には文字情報がありません（スキャンした画像の PDF と思われます）。文字を含む PDF かテキストファイルを添付してください。",
+            DocError::Encrypted => "パスワードで保護された PDF は読み取れません。保護を解除してから登録してください。",
+            DocError::BadOffice => "Office ファイルを読み取れません（壊れているか、パスワードで保護されています）。",
+            DocError::ZipBomb => "展開すると大きくなりすぎるファイルのため、処理しませんでした（圧縮爆弾の疑い）。",
+            DocError::TooManyPages => "ページ数が多すぎます（1ファイル 5,000 ページまで）。分割して登録してください。",
+        }
+    }
+
+    /// The same for documents uploaded to the knowledge base.
+    pub fn upload_message_ja(&self) -> &'static str {
+        match self {
+            DocError::Unsupported => "登録できるのは PDF、Word（.docx）、Excel（.xlsx）、PowerPoint（.pptx）、HTML、Markdown、CSV、テキストファイルです。",
+            DocError::Empty => "ファイルが空です。",
+            DocError::Encoding => "文字コードを判別できません。UTF-8、Shift_JIS または EUC-JP で保存してください。",
+            other => other.message_ja(),
         }
     }
 }
@@ -70,11 +98,24 @@ pub fn decode_text(bytes: &[u8]) -> Result<String, DocError> {
     if let Ok(s) = std::str::from_utf8(bytes) {
         return Ok(s.to_string());
     }
-    let (text, _, bad) = encoding_rs::SHIFT_JIS.decode(bytes);
-    if bad {
-        return Err(DocError::Encoding);
+    // Shift_JIS or EUC-JP: whichever decodes cleanly; when both do, the one that reads as
+    // more kana and common kanji (the other then is mojibake of rare characters).
+    let sjis = encoding_rs::SHIFT_JIS.decode_without_bom_handling_and_without_replacement(bytes);
+    let euc = encoding_rs::EUC_JP.decode_without_bom_handling_and_without_replacement(bytes);
+    let score = |t: &str| {
+        t.chars()
+            .filter(|c| {
+                matches!(*c as u32, 0x3041..=0x30FF | 0x4E00..=0x9FFF) || "。、".contains(*c)
+            })
+            .count() as f64
+            / t.chars().count().max(1) as f64
+    };
+    match (sjis, euc) {
+        (Some(a), Some(b)) => Ok(if score(&b) > score(&a) { b } else { a }.into_owned()),
+        (Some(a), None) => Ok(a.into_owned()),
+        (None, Some(b)) => Ok(b.into_owned()),
+        (None, None) => Err(DocError::Encoding),
     }
-    Ok(text.into_owned())
 }
 
 /// Extracts the text of an attached file. CPU-bound: call it off the async threads.
@@ -107,7 +148,7 @@ pub fn extract(bytes: &[u8]) -> Result<Extracted, DocError> {
 /// PDF fonts often map 文, 月, 日… to the look-alike Kangxi radicals (U+2F00–U+2FDF) and
 /// CJK radical supplements; those become the ordinary ideographs (their NFKC form), so the
 /// text can be searched and read by a model. Nothing else is normalised here.
-fn radicals_to_ideographs(s: &str) -> String {
+pub(crate) fn radicals_to_ideographs(s: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -122,7 +163,7 @@ fn radicals_to_ideographs(s: &str) -> String {
 
 /// Line breaks normalised, control characters (other than tab and newline) removed,
 /// runs of blank lines collapsed.
-fn tidy(s: &str) -> String {
+pub(crate) fn tidy(s: &str) -> String {
     let s = s.replace("\r\n", "\n").replace('\r', "\n");
     let cleaned: String = s
         .chars()

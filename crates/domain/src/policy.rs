@@ -185,6 +185,90 @@ pub fn can_export_tenant(actor: &Actor) -> bool {
     actor.role == Role::TenantAdmin
 }
 
+/// Where a knowledge collection lives, for the decisions below.
+#[derive(Clone, Copy, Debug)]
+pub struct CollectionPlace<'a> {
+    pub tenant_id: &'a str,
+    /// The owning department's path; `None` for a collection shared tenant-wide.
+    pub department_path: Option<&'a str>,
+    /// Only named members may read it.
+    pub restricted: bool,
+    /// Whether the actor is one of the named members.
+    pub is_member: bool,
+}
+
+/// Reading a collection's documents: search, chat, citations, the document pages (S1).
+/// Staff of the owning department (and the ones below it) read a department's collection;
+/// everyone reads a shared one; a restricted one only its members. Support operators never
+/// read content (S2). Anything else is not there at all.
+pub fn read_collection(actor: &Actor, place: &CollectionPlace<'_>) -> Decision {
+    if place.tenant_id != actor.tenant_id || actor.role == Role::Support {
+        return Decision::NotFound;
+    }
+    if place.restricted {
+        return if place.is_member {
+            Decision::Allow
+        } else {
+            Decision::NotFound
+        };
+    }
+    match place.department_path {
+        None => Decision::Allow,
+        Some(p) if in_subtree(p, &actor.department_path) => Decision::Allow,
+        Some(_) => Decision::NotFound,
+    }
+}
+
+/// Uploading and deleting documents, changing a collection and its members: department
+/// admins for their department and the ones below it, tenant admins for every collection.
+/// Managing does not include reading the documents' text.
+pub fn manage_collection(actor: &Actor, place: &CollectionPlace<'_>) -> Decision {
+    if place.tenant_id != actor.tenant_id {
+        return Decision::NotFound;
+    }
+    let allowed = match (actor.role, place.department_path) {
+        (Role::TenantAdmin, _) => true,
+        (Role::DepartmentAdmin, Some(p)) => in_subtree(&actor.department_path, p),
+        _ => false,
+    };
+    if allowed {
+        Decision::Allow
+    } else if see_collection(actor, place) {
+        Decision::Forbidden
+    } else {
+        Decision::NotFound
+    }
+}
+
+/// Knowing a collection exists (name, size, state): its readers, its managers, and
+/// tenant admins for all of them.
+pub fn see_collection(actor: &Actor, place: &CollectionPlace<'_>) -> bool {
+    place.tenant_id == actor.tenant_id
+        && (read_collection(actor, place) == Decision::Allow
+            || actor.role == Role::TenantAdmin
+            || (actor.role == Role::DepartmentAdmin
+                && place
+                    .department_path
+                    .is_some_and(|p| in_subtree(&actor.department_path, p))))
+}
+
+/// Creating a collection: tenant-wide ones by tenant admins; a department's by its admins
+/// (or a tenant admin).
+pub fn create_collection(actor: &Actor, department_path: Option<&str>) -> Decision {
+    match (actor.role, department_path) {
+        (Role::TenantAdmin, _) => Decision::Allow,
+        (Role::DepartmentAdmin, Some(p)) if in_subtree(&actor.department_path, p) => {
+            Decision::Allow
+        }
+        _ => Decision::Forbidden,
+    }
+}
+
+/// S14: a model receives passages only from collections at or below its class.
+pub fn model_may_receive(model_max_class: i64, classification: i64) -> bool {
+    classification <= model_max_class
+}
+
 /// Allowances, allocations and caps are the tenant admin's.
 pub fn can_set_usage_limits(actor: &Actor) -> bool {
     actor.role == Role::TenantAdmin
@@ -273,6 +357,65 @@ mod tests {
             role,
             department_path: path,
         }
+    }
+
+    #[test]
+    fn collections_are_read_by_their_department_and_members_only() {
+        let place = |dept: Option<&'static str>, restricted, is_member| CollectionPlace {
+            tenant_id: "t1",
+            department_path: dept,
+            restricted,
+            is_member,
+        };
+        let zeimu = place(Some("税務部"), false, false);
+        let staff = actor(Role::User, "税務部/市民税課");
+        let other = actor(Role::User, "福祉部");
+        assert_eq!(read_collection(&staff, &zeimu), Decision::Allow);
+        assert_eq!(read_collection(&other, &zeimu), Decision::NotFound);
+        assert_eq!(
+            read_collection(&other, &place(None, false, false)),
+            Decision::Allow
+        );
+        assert_eq!(
+            read_collection(&staff, &place(Some("税務部"), true, false)),
+            Decision::NotFound
+        );
+        assert_eq!(
+            read_collection(&other, &place(Some("税務部"), true, true)),
+            Decision::Allow
+        );
+        // Tenant admins see and manage every collection but read only their own.
+        let admin = actor(Role::TenantAdmin, "総務部/情報政策課");
+        assert_eq!(read_collection(&admin, &zeimu), Decision::NotFound);
+        assert!(see_collection(&admin, &zeimu));
+        assert_eq!(manage_collection(&admin, &zeimu), Decision::Allow);
+        let dadmin = actor(Role::DepartmentAdmin, "税務部");
+        assert_eq!(manage_collection(&dadmin, &zeimu), Decision::Allow);
+        assert_eq!(
+            manage_collection(&dadmin, &place(None, false, false)),
+            Decision::Forbidden
+        );
+        assert_eq!(manage_collection(&staff, &zeimu), Decision::Forbidden);
+        assert_eq!(manage_collection(&other, &zeimu), Decision::NotFound);
+        assert_eq!(
+            create_collection(&dadmin, Some("福祉部")),
+            Decision::Forbidden
+        );
+        assert_eq!(
+            create_collection(&dadmin, Some("税務部/市民税課")),
+            Decision::Allow
+        );
+        assert_eq!(
+            read_collection(&actor(Role::Support, "税務部"), &zeimu),
+            Decision::NotFound
+        );
+        let foreign = CollectionPlace {
+            tenant_id: "t2",
+            ..zeimu
+        };
+        assert_eq!(read_collection(&staff, &foreign), Decision::NotFound);
+        assert_eq!(manage_collection(&admin, &foreign), Decision::NotFound);
+        assert!(model_may_receive(3, 3) && !model_may_receive(2, 3));
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod departments;
 mod disposal;
 mod exchange;
 mod imports;
+mod knowledge;
 mod logs;
 mod migrate;
 mod retention;
@@ -34,6 +35,9 @@ pub use departments::Department;
 pub use disposal::{Disposal, Operator, REQUEST_VALID_MS};
 pub use exchange::{ExportItem, EXPORT_TABLES, IMPORT_END};
 pub use imports::{ImportOutcome, PendingImport};
+pub use knowledge::{
+    Collection, CollectionInput, Job, KbDocument, NewChunk, NewDocument, NewPage, Passage,
+};
 pub use logs::{LogCursor, LogFilter, LogRow};
 pub use migrate::LATEST as LATEST_SCHEMA;
 pub use retention::{LegalHold, Purged};

@@ -57,6 +57,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0009_records.sql"),
         postgres: include_str!("../migrations/postgres/0009_records.sql"),
     },
+    Migration {
+        version: 10,
+        sqlite: include_str!("../migrations/sqlite/0010_knowledge.sql"),
+        postgres: include_str!("../migrations/postgres/0010_knowledge.sql"),
+    },
 ];
 
 /// The newest schema this binary knows.
