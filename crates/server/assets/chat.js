@@ -187,6 +187,12 @@
     var attachment = null;
     try { attachment = await readAttachment(); } catch (e) { showError('添付ファイルを読み込めませんでした。'); return; }
     var payload = { content: text, model_id: model.value, edit_last: editLast, attachment: attachment };
+    var useKnowledge = document.getElementById('use-knowledge');
+    if (useKnowledge && useKnowledge.checked) {
+      payload.knowledge = Array.prototype.map.call(
+        document.querySelectorAll('.knowledge-picker input[name="collection"]:checked'),
+        function (c) { return c.value; });
+    }
     setEditing(false);
     await run('/api/v1/conversations/' + conversation + '/messages', payload, text);
     if (attach && !errorBox.textContent) attach.value = '';

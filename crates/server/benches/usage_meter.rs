@@ -150,6 +150,7 @@ async fn main() {
                 };
                 let check = t0.elapsed().as_secs_f64() * 1000.0;
                 let turn = NewTurn {
+                    sources: None,
                     tenant_id: tenant.clone(),
                     conversation_id: conv.clone(),
                     content: "来年度の予算要求の要点をまとめてください。よろしくお願いします"

@@ -87,6 +87,10 @@ pub struct AppState {
     pub catalogs: TtlCache<Arc<Catalog>>,
     /// Characters held by chat requests still running on this node.
     pub meter: Arc<crate::usage::Meter>,
+    /// The tenants' search indexes, opened on first use.
+    pub indexes: crate::knowledge::Indexes,
+    /// Wakes the ingestion worker when a document is queued.
+    pub ingest: Arc<tokio::sync::Notify>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -737,9 +741,11 @@ async fn body_limit(
     req: Request,
     next: Next,
 ) -> Result<Response, AppError> {
-    let limit = if req.uri().path().ends_with("/import") || req.uri().path().ends_with("/messages")
-    {
+    let path = req.uri().path();
+    let limit = if path.ends_with("/import") || path.ends_with("/messages") {
         state.config.security.max_import_bytes
+    } else if path.ends_with("/documents") && path.contains("knowledge") {
+        state.config.knowledge.max_file_bytes as usize + 1024 * 1024
     } else {
         state.config.security.max_body_bytes
     };
@@ -790,6 +796,9 @@ pub fn router(state: Shared) -> Router {
         .merge(crate::disposal_web::routes())
         .merge(crate::alerts_web::routes())
         .merge(crate::tenant_export::routes())
+        .merge(crate::knowledge_web::routes(
+            state.config.knowledge.max_file_bytes as usize,
+        ))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .layer(DefaultBodyLimit::max(max_body));

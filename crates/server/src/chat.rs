@@ -122,6 +122,55 @@ pub struct SendInput {
     /// One attached file (plain text or a PDF with a text layer) as context.
     #[serde(default)]
     pub attachment: Option<AttachmentInput>,
+    /// Ask over knowledge: these collections (an empty list: every collection the caller
+    /// may read that the model may receive). Absent: no knowledge.
+    #[serde(default)]
+    pub knowledge: Option<Vec<String>>,
+}
+
+/// The collections a question goes over, checked: readable by the caller (else 404) and
+/// within what the model may receive (S14).
+async fn knowledge_for(
+    state: &Shared,
+    a: &Authed,
+    model: &Model,
+    asked: &[String],
+) -> AppResult<Vec<String>> {
+    let readable = crate::knowledge::readable(state, a).await?;
+    let receivable = |c: &storage::Collection| {
+        domain::policy::model_may_receive(model.max_class, c.classification)
+    };
+    if asked.is_empty() {
+        let ids: Vec<String> = readable
+            .iter()
+            .filter(|c| receivable(c))
+            .map(|c| c.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Err(AppError::field(
+                "knowledge",
+                "このモデルで使えるナレッジがありません（所属部署のナレッジがないか、機密性の高いナレッジだけです）。",
+            ));
+        }
+        return Ok(ids);
+    }
+    let mut out = Vec::new();
+    for id in asked {
+        let Some(c) = readable.iter().find(|c| &c.id == id) else {
+            return Err(AppError::NotFound);
+        };
+        if !receivable(c) {
+            return Err(AppError::field(
+                "knowledge",
+                format!(
+                    "ナレッジ「{}」は機密性{}のため、このモデル（機密性{}まで）には送れません。機密性{}を扱えるモデルを選んでください。",
+                    c.name, c.classification, model.max_class, c.classification
+                ),
+            ));
+        }
+        out.push(c.id.clone());
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -304,19 +353,30 @@ pub async fn send(
         Some(att) => Some(read_attachment(att, max).await?),
         None => None,
     };
+    let passages = match &input.knowledge {
+        Some(asked) => {
+            let ids = knowledge_for(state, a, &model, asked).await?;
+            Some(crate::knowledge::retrieve(state, &a.ctx.tenant.id, &content, &ids).await?)
+        }
+        None => None,
+    };
     let history = state.store.messages(&a.ctx.tenant.id, &conv.id).await?;
     let before = match history.iter().rposition(|m| m.role == "user") {
         Some(i) if input.edit_last => &history[..i],
         _ => &history[..],
     };
     let mut messages = history_pairs(before);
+    let asked = with_attachment(
+        &content,
+        attachment.as_ref().map(|(n, _)| n.as_str()),
+        attachment.as_ref().map(|(_, t)| t.as_str()),
+    );
     messages.push(llm::ChatMessage {
         role: llm::Role::User,
-        content: with_attachment(
-            &content,
-            attachment.as_ref().map(|(n, _)| n.as_str()),
-            attachment.as_ref().map(|(_, t)| t.as_str()),
-        ),
+        content: match &passages {
+            Some(p) => crate::knowledge::with_passages(&asked, p),
+            None => asked,
+        },
     });
     let input_chars = messages
         .iter()
@@ -325,7 +385,9 @@ pub async fn send(
     let metered = Metered::check(state, a, &content, &messages, &model).await?;
     let req = llm::ChatRequest {
         model: model.model.clone(),
-        system: None,
+        system: passages
+            .as_ref()
+            .map(|_| crate::knowledge::RAG_SYSTEM.to_string()),
         messages,
         max_tokens: None,
         temperature: None,
@@ -336,6 +398,9 @@ pub async fn send(
         content: content.clone(),
         attachment_name: attachment.as_ref().map(|(n, _)| n.clone()),
         attachment_text: attachment.map(|(_, t)| t),
+        sources: passages
+            .as_ref()
+            .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "[]".into())),
         input_chars,
         model_id: model.id.clone(),
         model_name: model.display_name.clone(),
@@ -386,13 +451,31 @@ pub async fn regenerate(
         ));
     }
     let mut messages = history_pairs(&history[..last_q]);
+    // Asked over knowledge: the same passages again.
+    let passages: Option<Vec<storage::Passage>> = history[last_q]
+        .sources
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok());
+    if let Some(p) = &passages {
+        // Still readable by the caller, and receivable by this model (S14).
+        let mut ids: Vec<String> = p.iter().map(|x| x.collection_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        if !ids.is_empty() {
+            knowledge_for(state, a, &model, &ids).await?;
+        }
+    }
+    let asked = with_attachment(
+        &history[last_q].content,
+        history[last_q].attachment_name.as_deref(),
+        history[last_q].attachment_text.as_deref(),
+    );
     messages.push(llm::ChatMessage {
         role: llm::Role::User,
-        content: with_attachment(
-            &history[last_q].content,
-            history[last_q].attachment_name.as_deref(),
-            history[last_q].attachment_text.as_deref(),
-        ),
+        content: match &passages {
+            Some(p) => crate::knowledge::with_passages(&asked, p),
+            None => asked,
+        },
     });
     let input_chars = messages
         .iter()
@@ -402,7 +485,9 @@ pub async fn regenerate(
     let metered = Metered::check(state, a, &history[last_q].content, &messages, &model).await?;
     let req = llm::ChatRequest {
         model: model.model.clone(),
-        system: None,
+        system: passages
+            .as_ref()
+            .map(|_| crate::knowledge::RAG_SYSTEM.to_string()),
         messages,
         max_tokens: None,
         temperature: None,
@@ -413,6 +498,7 @@ pub async fn regenerate(
         content: String::new(),
         attachment_name: None,
         attachment_text: None,
+        sources: None,
         input_chars,
         model_id: model.id.clone(),
         model_name: model.display_name.clone(),

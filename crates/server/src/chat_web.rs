@@ -28,6 +28,8 @@ pub struct MessageView {
     pub meta: String,
     pub error: String,
     pub attachment: String,
+    /// The passages a question was asked over: (number, label, link).
+    pub sources: Vec<(usize, String, String)>,
 }
 
 impl MessageView {
@@ -68,6 +70,24 @@ impl MessageView {
             meta,
             error: m.error_code.as_deref().map(error_text).unwrap_or_default(),
             attachment: m.attachment_name.clone().unwrap_or_default(),
+            sources: m
+                .sources
+                .as_deref()
+                .and_then(|s| serde_json::from_str::<Vec<storage::Passage>>(s).ok())
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    (
+                        i + 1,
+                        format!("{}　{}ページ", p.document_name, p.page),
+                        format!(
+                            "/knowledge/documents/{}/pages/{}?chunk={}#cited",
+                            p.document_id, p.page, p.chunk_id
+                        ),
+                    )
+                })
+                .collect(),
         }
     }
 }
@@ -107,6 +127,8 @@ struct ChatPage {
     can_regenerate: bool,
     /// The remaining allowance shown by the input box (rendered HTML).
     meter_html: String,
+    /// Knowledge collections the user may ask over: (id, label).
+    collections: Vec<(String, String)>,
 }
 
 #[derive(Template)]
@@ -171,8 +193,22 @@ async fn page(
     } else {
         String::new()
     };
+    let collections = crate::knowledge::readable(state, a)
+        .await?
+        .into_iter()
+        .map(|c| {
+            let label = format!(
+                "{}（{}・機密性{}）",
+                c.name,
+                c.department_path.as_deref().unwrap_or("全庁共有"),
+                c.classification
+            );
+            (c.id, label)
+        })
+        .collect();
     render(&ChatPage {
         meter_html,
+        collections,
         l: Layout::for_user(
             a,
             current

@@ -47,6 +47,30 @@ pub struct Config {
     pub security: SecurityConfig,
     pub llm: LlmConfig,
     pub smtp: SmtpConfig,
+    pub knowledge: KnowledgeConfig,
+}
+
+/// Documents for the knowledge base (M8).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KnowledgeConfig {
+    /// Largest file accepted.
+    pub max_file_bytes: u64,
+    /// Storage for documents per tenant (the operator's setting).
+    pub tenant_quota_bytes: u64,
+    /// `host:port` of a clamd to scan every upload with (INSTREAM). When set and not
+    /// reachable, uploads are refused.
+    pub clamd: String,
+}
+
+impl Default for KnowledgeConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 100 * 1024 * 1024,
+            tenant_quota_bytes: 20 * 1024 * 1024 * 1024,
+            clamd: String::new(),
+        }
+    }
 }
 
 /// The mail relay alerts go through (e.g. the office's relay on LGWAN). Without a host,
@@ -128,6 +152,7 @@ impl Default for Config {
             security: SecurityConfig::default(),
             llm: LlmConfig::default(),
             smtp: SmtpConfig::default(),
+            knowledge: KnowledgeConfig::default(),
         }
     }
 }

@@ -9,12 +9,15 @@ pub mod backup;
 pub mod charts;
 pub mod chat;
 pub mod chat_web;
+pub mod clamd;
 pub mod cli;
 pub mod config;
 pub mod csvout;
 pub mod disposal_web;
 pub mod error;
 pub mod form;
+pub mod knowledge;
+pub mod knowledge_web;
 pub mod logs_web;
 pub mod markdown;
 pub mod models_admin;
@@ -95,6 +98,19 @@ pub async fn open_store(config: &Config, now: i64) -> Result<(Store, String), St
 pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared, StartError> {
     let (store, default_tenant_id) = open_store(&config, clock.now_ms()).await?;
     let sqlite = store.backend() == storage::Backend::Sqlite;
+    if sqlite {
+        // One process is the only worker on SQLite: a job still "running" was cut off.
+        let n = store
+            .requeue_running_jobs()
+            .await
+            .map_err(|e| StartError::Database(e.to_string()))?;
+        if n > 0 {
+            tracing::warn!(
+                jobs = n,
+                "ingestion jobs cut off by a restart are queued again"
+            );
+        }
+    }
     let cost = config.hash_cost();
     let dummy_hash = tokio::task::spawn_blocking(move || {
         domain::password::hash(&domain::ids::random_token(16), cost)
@@ -116,6 +132,8 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         tenants: app::TtlCache::new(std::time::Duration::from_secs(5)),
         catalogs: app::TtlCache::new(std::time::Duration::from_secs(5)),
         meter: Arc::new(usage::Meter::new(sqlite)),
+        indexes: Default::default(),
+        ingest: Default::default(),
     }))
 }
 
@@ -164,6 +182,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    let worker = knowledge::spawn_worker(state.clone());
     let app = app::router(state);
     // Without TCP_NODELAY the first small delta after the response headers waits for the
     // client's delayed ACK (about 40 ms on Linux): streamed text must go out at once.
@@ -172,10 +191,12 @@ pub async fn serve(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(
+    let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await
+    .await;
+    worker.abort();
+    served
 }

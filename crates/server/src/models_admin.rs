@@ -180,6 +180,9 @@ pub struct ModelForm {
     /// Empty: every department. Otherwise department ids, comma separated (API).
     #[serde(default)]
     pub departments: String,
+    /// The highest class of information the model may receive: 1–3 (empty: 2).
+    #[serde(default)]
+    pub max_class: String,
     /// The page's checkboxes, one `dept_<id>` field per chosen department.
     #[serde(flatten)]
     pub extra: std::collections::HashMap<String, String>,
@@ -214,8 +217,21 @@ fn check_model(f: &ModelForm) -> AppResult<ModelInput> {
     if department_ids.iter().any(|d| !domain::ids::is_valid_id(d)) {
         errs.push(fe("departments", "部署の指定が正しくありません。".into()));
     }
+    let max_class = match f.max_class.trim() {
+        "" | "2" => 2,
+        "1" => 1,
+        "3" => 3,
+        _ => {
+            errs.push(fe(
+                "max_class",
+                "扱える機密性は1〜3から選んでください。".into(),
+            ));
+            2
+        }
+    };
     match (model, display, errs.is_empty()) {
         (Some(model), Some(display_name), true) => Ok(ModelInput {
+            max_class,
             provider_id: f.provider_id.clone(),
             model,
             display_name,
@@ -659,6 +675,7 @@ async fn model_edit(
         enabled: on(m.enabled),
         is_default: on(m.is_default),
         departments: String::new(),
+        max_class: m.max_class.to_string(),
         extra: m
             .department_ids
             .iter()
@@ -872,6 +889,7 @@ async fn model_toggle(
             .unwrap_or(m.is_default),
         all_departments: m.all_departments,
         department_ids: m.department_ids,
+        max_class: m.max_class,
     };
     state
         .store
@@ -1007,6 +1025,9 @@ struct ModelBody {
     /// Empty or absent: every department.
     #[serde(default)]
     department_ids: Vec<String>,
+    /// 1–3; absent: 2.
+    #[serde(default)]
+    max_class: Option<i64>,
 }
 
 impl ModelBody {
@@ -1019,6 +1040,7 @@ impl ModelBody {
             enabled: b(self.enabled),
             is_default: b(self.is_default),
             departments: self.department_ids.join(","),
+            max_class: self.max_class.map(|c| c.to_string()).unwrap_or_default(),
             extra: Default::default(),
         }
     }

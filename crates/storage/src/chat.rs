@@ -70,6 +70,8 @@ pub struct Model {
     /// Usable by every department; otherwise only by `department_ids`.
     pub all_departments: bool,
     pub department_ids: Vec<String>,
+    /// The highest class of information (機密性 1–3) this model may receive (S14).
+    pub max_class: i64,
     pub created_at: i64,
 }
 
@@ -82,6 +84,8 @@ pub struct ModelInput {
     pub is_default: bool,
     pub all_departments: bool,
     pub department_ids: Vec<String>,
+    /// 1–3 (S14); cloud models 2 by default.
+    pub max_class: i64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -113,6 +117,8 @@ pub struct Message {
     /// The attached file's text, as sent to the model (not sent back by list APIs).
     #[serde(skip_serializing)]
     pub attachment_text: Option<String>,
+    /// The passages a question was asked over (JSON), for citations and regeneration.
+    pub sources: Option<String>,
     pub input_chars: i64,
     pub output_chars: i64,
     pub input_tokens: Option<i64>,
@@ -143,6 +149,8 @@ pub struct NewTurn {
     pub content: String,
     pub attachment_name: Option<String>,
     pub attachment_text: Option<String>,
+    /// The passages the question was asked over (JSON).
+    pub sources: Option<String>,
     /// Characters sent to the model for this answer (prompt, history, attachment).
     pub input_chars: i64,
     pub model_id: String,
@@ -195,6 +203,7 @@ fn message_from(r: &AnyRow) -> Result<Message> {
         error_detail: get_opt_str(r, "error_detail")?,
         attachment_name: get_opt_str(r, "attachment_name")?,
         attachment_text: get_opt_str(r, "attachment_text")?,
+        sources: get_opt_str(r, "sources")?,
         input_chars: get_i64(r, "input_chars")?,
         output_chars: get_i64(r, "output_chars")?,
         input_tokens: get_opt_i64(r, "input_tokens")?,
@@ -207,7 +216,7 @@ fn message_from(r: &AnyRow) -> Result<Message> {
 
 const PROVIDER_COLS: &str = "id, tenant_id, name, kind, base_url, api_key, api_version, proxy, region, no_training, enabled, created_at, updated_at";
 const MODEL_SELECT: &str = "SELECT m.id, m.tenant_id, m.provider_id, p.name AS provider_name, p.enabled AS provider_enabled, m.model, m.display_name, \
-    m.enabled, m.is_default, m.all_departments, m.created_at FROM llm_models m JOIN llm_providers p ON p.id = m.provider_id";
+    m.enabled, m.is_default, m.all_departments, m.max_class, m.created_at FROM llm_models m JOIN llm_providers p ON p.id = m.provider_id";
 const MESSAGE_COLS: &str = "id, conversation_id, seq, role, content, status, model_id, model_name, provider_name, error_code, error_detail, \
     attachment_name, input_chars, output_chars, input_tokens, output_tokens, ttft_ms, total_ms, created_at, attachment_text";
 
@@ -338,6 +347,7 @@ impl Store {
             is_default: get_i64(r, "is_default")? != 0,
             all_departments: get_i64(r, "all_departments")? != 0,
             department_ids: Vec::new(),
+            max_class: get_i64(r, "max_class")?,
             created_at: get_i64(r, "created_at")?,
         })
     }
@@ -383,8 +393,8 @@ impl Store {
             None => {
                 let id = domain::ids::new_id();
                 sqlx::query(
-                    "INSERT INTO llm_models (id, tenant_id, provider_id, model, display_name, enabled, is_default, all_departments, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    "INSERT INTO llm_models (id, tenant_id, provider_id, model, display_name, enabled, is_default, all_departments, created_at, max_class) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(&id)
                 .bind(tenant_id)
@@ -395,6 +405,7 @@ impl Store {
                 .bind(i64::from(m.is_default))
                 .bind(i64::from(m.all_departments))
                 .bind(now)
+                .bind(m.max_class)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| conflict_on_unique(e, "同じ表示名のモデルが既にあります。"))?;
@@ -402,8 +413,8 @@ impl Store {
             }
             Some(id) => {
                 let n = sqlx::query(
-                    "UPDATE llm_models SET provider_id = $1, model = $2, display_name = $3, enabled = $4, is_default = $5, all_departments = $6 \
-                     WHERE tenant_id = $7 AND id = $8",
+                    "UPDATE llm_models SET provider_id = $1, model = $2, display_name = $3, enabled = $4, is_default = $5, all_departments = $6, \
+                     max_class = $9 WHERE tenant_id = $7 AND id = $8",
                 )
                 .bind(&provider.id)
                 .bind(&m.model)
@@ -413,6 +424,7 @@ impl Store {
                 .bind(i64::from(m.all_departments))
                 .bind(tenant_id)
                 .bind(id)
+                .bind(m.max_class)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| conflict_on_unique(e, "同じ表示名のモデルが既にあります。"))?
@@ -604,7 +616,7 @@ impl Store {
     }
 
     pub async fn messages(&self, tenant_id: &str, conversation_id: &str) -> Result<Vec<Message>> {
-        let rows = sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE tenant_id = $1 AND conversation_id = $2 ORDER BY seq"))
+        let rows = sqlx::query(&format!("SELECT {MESSAGE_COLS}, sources FROM messages WHERE tenant_id = $1 AND conversation_id = $2 ORDER BY seq"))
             .bind(tenant_id)
             .bind(conversation_id)
             .fetch_all(&self.pool)
@@ -614,7 +626,7 @@ impl Store {
 
     pub async fn message(&self, tenant_id: &str, id: &str) -> Result<Message> {
         let r = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLS} FROM messages WHERE tenant_id = $1 AND id = $2"
+            "SELECT {MESSAGE_COLS}, sources FROM messages WHERE tenant_id = $1 AND id = $2"
         ))
         .bind(tenant_id)
         .bind(id)
@@ -681,6 +693,13 @@ impl Store {
                 .bind(t.now)
                 .bind(&t.tenant_id)
                 .bind(attachment_text)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(sources) = &t.sources {
+            sqlx::query("UPDATE messages SET sources = $1 WHERE id = $2")
+                .bind(sources)
+                .bind(&uid)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -91,7 +91,7 @@ pub struct NewChunk {
     pub text: String,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Passage {
     pub chunk_id: String,
     pub document_id: String,

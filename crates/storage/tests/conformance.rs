@@ -899,6 +899,7 @@ async fn providers_models_conversations_and_answers() {
                 &t.id,
                 None,
                 &ModelInput {
+                    max_class: 2,
                     provider_id: p.id.clone(),
                     model: "gpt-4o".into(),
                     display_name: "GPT-4o".into(),
@@ -917,6 +918,7 @@ async fn providers_models_conversations_and_answers() {
                 &t.id,
                 None,
                 &ModelInput {
+                    max_class: 2,
                     provider_id: p.id.clone(),
                     model: "gpt-4o-mini".into(),
                     display_name: "GPT-4o mini".into(),
@@ -944,6 +946,7 @@ async fn providers_models_conversations_and_answers() {
                 &t2.id,
                 None,
                 &ModelInput {
+                    max_class: 2,
                     provider_id: p.id.clone(),
                     model: "x".into(),
                     display_name: "x".into(),
@@ -967,6 +970,7 @@ async fn providers_models_conversations_and_answers() {
             "{b}: other user's conversation"
         );
         let turn = NewTurn {
+            sources: None,
             tenant_id: t.id.clone(),
             conversation_id: c.id.clone(),
             content: "議事録を要約してください".into(),

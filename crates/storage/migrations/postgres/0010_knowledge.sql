@@ -81,3 +81,6 @@ CREATE INDEX jobs_queue ON jobs (status, created_at);
 -- Which classes of information a model may receive (S14): cloud models up to 2 by
 -- default, local models up to 3.
 ALTER TABLE llm_models ADD COLUMN max_class BIGINT NOT NULL DEFAULT 2;
+
+-- The passages a question was asked over (JSON): citations and regeneration.
+ALTER TABLE messages ADD COLUMN sources TEXT;
