@@ -253,6 +253,13 @@ impl SearchIndex {
         Ok(())
     }
 
+    /// Removes everything (then `add` and `commit` to rebuild).
+    pub fn clear(&self) -> Result<()> {
+        let w = self.writer.lock().map_err(|_| SearchError::Poisoned)?;
+        w.delete_all_documents()?;
+        Ok(())
+    }
+
     pub fn delete_collection(&self, collection_id: &str) -> Result<()> {
         let w = self.writer.lock().map_err(|_| SearchError::Poisoned)?;
         w.delete_term(Term::from_field_text(self.f.collection, collection_id));

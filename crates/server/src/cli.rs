@@ -235,7 +235,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             let (store, _) = crate::open_store(&config, clock.now_ms())
                 .await
                 .map_err(|e| e.to_string())?;
-            let result = crate::tenant_export::import(&store, &file).await;
+            let result = crate::tenant_export::import(&store, &config.data_dir, &file).await;
             let verified = store.verify_audit().await.map_err(|e| e.to_string());
             store.close().await;
             let (m, counts) = result?;
@@ -331,7 +331,7 @@ async fn export_cli(
     let partial = PathBuf::from(partial);
     let file = std::fs::File::create(&partial)
         .map_err(|e| format!("{} を作成できません: {e}", partial.display()))?;
-    let m = match crate::tenant_export::export(store, &t, file, now).await {
+    let m = match crate::tenant_export::export(store, &config.data_dir, &t, file, now).await {
         Ok((m, _)) => m,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);

@@ -240,12 +240,25 @@ async fn dispose_department(
     if !errors.is_empty() {
         return refuse(&state, &a, errors).await;
     }
+    // The department's documents: their files and index entries go after the rows.
+    let mut documents = Vec::new();
+    for c in state.store.collections(&a.ctx.tenant.id).await? {
+        if c.department_path
+            .as_deref()
+            .is_some_and(|p| policy::in_subtree(&path, p))
+        {
+            documents.extend(state.store.documents(&a.ctx.tenant.id, &c.id).await?);
+        }
+    }
     match state
         .store
         .dispose_department(&a.ctx.tenant.id, id, &reason, &operator(&a), a.audit())
         .await
     {
         Ok(d) => {
+            for doc in &documents {
+                crate::knowledge::forget_document(&state, doc).await?;
+            }
             state.catalogs.invalidate(&a.ctx.tenant.id);
             Ok(Redirect::to(&format!("/admin/disposal/{}", d.id)).into_response())
         }
@@ -328,6 +341,7 @@ async fn approve(
         .await
     {
         Ok(d) => {
+            crate::knowledge::forget_tenant(&state, &a.ctx.tenant.id).await;
             state.catalogs.invalidate(&a.ctx.tenant.id);
             state.tenants.invalidate(&a.ctx.tenant.id);
             tracing::warn!(tenant = %a.ctx.tenant.id, disposal = %d.id, "all records of the tenant disposed of");

@@ -69,14 +69,55 @@ fn safe_segment(s: &str) -> String {
 
 /// Where a file with this hash is kept.
 pub fn blob_path(state: &crate::app::AppState, tenant_id: &str, sha256: &str) -> PathBuf {
+    blob_path_in(&state.config.data_dir, tenant_id, sha256)
+}
+
+pub fn blob_path_in(data_dir: &std::path::Path, tenant_id: &str, sha256: &str) -> PathBuf {
     let h = safe_segment(sha256);
-    state
-        .config
-        .data_dir
+    data_dir
         .join("files")
         .join(safe_segment(tenant_id))
         .join(h.get(..2).unwrap_or("00"))
         .join(h)
+}
+
+/// The directory of a tenant's index.
+pub fn index_dir(data_dir: &std::path::Path, tenant_id: &str) -> PathBuf {
+    data_dir.join("index").join(safe_segment(tenant_id))
+}
+
+/// Rebuilds a tenant's index from the passages in the database (after an import, or as
+/// repair). `ix` must be the tenant's index.
+pub async fn rebuild_index(
+    store: &storage::Store,
+    tenant_id: &str,
+    ix: Arc<SearchIndex>,
+) -> Result<usize, String> {
+    let rows = store
+        .all_passages(tenant_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let docs: Vec<ChunkDoc> = rows
+        .into_iter()
+        .map(
+            |(chunk_id, document_id, collection_id, heading, text)| ChunkDoc {
+                chunk_id,
+                document_id,
+                collection_id,
+                text: search_text(&format!("{}\n{}", heading.unwrap_or_default(), text)),
+            },
+        )
+        .collect();
+    let n = docs.len();
+    tokio::task::spawn_blocking(move || -> Result<(), search::SearchError> {
+        ix.clear()?;
+        ix.add(&docs)?;
+        ix.commit()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(n)
 }
 
 /// Removes a document's file (unless another document has the same content) and its

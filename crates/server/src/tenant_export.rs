@@ -59,6 +59,7 @@ fn zip_err(e: zip::result::ZipError) -> String {
 /// Writes the tenant's export to `out`. Returns the manifest and the file, flushed.
 pub async fn export(
     store: &Store,
+    data_dir: &Path,
     tenant: &Tenant,
     out: std::fs::File,
     now: i64,
@@ -76,6 +77,7 @@ pub async fn export(
         files: Vec::new(),
     };
     let header = manifest.clone();
+    let (data_dir, tenant_id) = (data_dir.to_path_buf(), tenant.id.clone());
     let writer = tokio::task::spawn_blocking(
         move || -> Result<(Vec<ExportedFile>, std::fs::File), String> {
             let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(out));
@@ -85,6 +87,8 @@ pub async fn export(
             let mut files: Vec<ExportedFile> = Vec::new();
             let mut hasher = Sha256::new();
             let mut line = Vec::with_capacity(4096);
+            let mut table = "";
+            let mut blobs: Vec<String> = Vec::new();
             let finish = |files: &mut Vec<ExportedFile>, hasher: &mut Sha256| {
                 if let Some(f) = files.last_mut() {
                     f.sha256 = hex::encode(std::mem::take(hasher).finalize());
@@ -96,6 +100,7 @@ pub async fn export(
             while let Some(item) = rx.blocking_recv() {
                 match item {
                     ExportItem::Table(name) => {
+                        table = name;
                         finish(&mut files, &mut hasher);
                         let path = format!("{name}.jsonl");
                         zip.start_file(&path, opts).map_err(zip_err)?;
@@ -107,6 +112,11 @@ pub async fn export(
                         });
                     }
                     ExportItem::Row(row) => {
+                        if table == "kb_documents" {
+                            if let Some(h) = row.get("sha256").and_then(|v| v.as_str()) {
+                                blobs.push(h.to_string());
+                            }
+                        }
                         line.clear();
                         serde_json::to_writer(&mut line, &row).map_err(|e| e.to_string())?;
                         line.push(b'\n');
@@ -120,6 +130,34 @@ pub async fn export(
                 }
             }
             finish(&mut files, &mut hasher);
+            // The original files of the knowledge documents, by content hash.
+            blobs.sort();
+            blobs.dedup();
+            for h in blobs {
+                let path = format!("files/{h}");
+                let src = crate::knowledge::blob_path_in(&data_dir, &tenant_id, &h);
+                let mut f = std::fs::File::open(&src)
+                    .map_err(|e| format!("文書のファイル {h} を読めません: {e}"))?;
+                zip.start_file(&path, opts).map_err(zip_err)?;
+                let mut hh = Sha256::new();
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0u64;
+                loop {
+                    let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        break;
+                    }
+                    hh.update(&buf[..n]);
+                    zip.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+                    total += n as u64;
+                }
+                files.push(ExportedFile {
+                    path,
+                    rows: 0,
+                    bytes: total,
+                    sha256: hex::encode(hh.finalize()),
+                });
+            }
             let mut m = header;
             m.files = files.clone();
             zip.start_file("manifest.json", opts).map_err(zip_err)?;
@@ -200,7 +238,11 @@ pub fn verify(path: &Path) -> Result<Manifest, String> {
 
 /// Loads an export into this yakuba as a new tenant. Nothing is written unless every
 /// file checks out and every row goes in.
-pub async fn import(store: &Store, path: &Path) -> Result<(Manifest, Vec<(String, u64)>), String> {
+pub async fn import(
+    store: &Store,
+    data_dir: &Path,
+    path: &Path,
+) -> Result<(Manifest, Vec<(String, u64)>), String> {
     let owned = path.to_path_buf();
     let m = tokio::task::spawn_blocking(move || verify(&owned))
         .await
@@ -212,7 +254,7 @@ pub async fn import(store: &Store, path: &Path) -> Result<(Manifest, Vec<(String
         let file = std::fs::File::open(&owned).map_err(|e| e.to_string())?;
         let mut zip =
             zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
-        for f in &files {
+        for f in files.iter().filter(|f| !f.path.starts_with("files/")) {
             let table = f
                 .path
                 .strip_suffix(".jsonl")
@@ -237,11 +279,49 @@ pub async fn import(store: &Store, path: &Path) -> Result<(Manifest, Vec<(String
         .await;
     let read = reader.await.map_err(|e| e.to_string())?;
     let counts = match (written, read) {
-        (_, Err(e)) => return Err(format!("{e}。取り込みは行いませんでした。")),
+        (_, Err(e)) => {
+            return Err(format!(
+                "{}。取り込みは行いませんでした。",
+                e.trim_end_matches('。')
+            ))
+        }
         (Ok(c), Ok(())) => c,
         (Err(storage::StorageError::Conflict(msg)), _) => return Err(msg),
         (Err(e), _) => return Err(e.to_string()),
     };
+    // The documents' files into the file store (their hashes were checked above).
+    let (owned, files, data, tenant) = (
+        path.to_path_buf(),
+        m.files.clone(),
+        data_dir.to_path_buf(),
+        m.tenant_id.clone(),
+    );
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let file = std::fs::File::open(&owned).map_err(|e| e.to_string())?;
+        let mut zip =
+            zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+        for f in files.iter().filter(|f| f.path.starts_with("files/")) {
+            let dest = crate::knowledge::blob_path_in(&data, &tenant, &f.sha256);
+            if let Some(p) = dest.parent() {
+                std::fs::create_dir_all(p).map_err(|e| e.to_string())?;
+            }
+            let mut entry = zip.by_name(&f.path).map_err(|e| e.to_string())?;
+            let mut out = std::fs::File::create(&dest).map_err(|e| e.to_string())?;
+            std::io::copy(&mut entry, &mut out).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    // Its index, from the passages just stored (the tenant is new here: nobody has it open).
+    let dir = crate::knowledge::index_dir(data_dir, &m.tenant_id);
+    let ix = std::sync::Arc::new(
+        tokio::task::spawn_blocking(move || search::SearchIndex::open(&dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?,
+    );
+    crate::knowledge::rebuild_index(store, &m.tenant_id, ix).await?;
     Ok((m, counts))
 }
 
@@ -292,9 +372,15 @@ async fn download(State(state): State<Shared>, a: Authed) -> AppResult<Response>
         .map_err(|e| AppError::Internal(e.to_string()))?
         .map_err(|e| AppError::Internal(e.to_string()))?;
     let tenant = (*a.ctx.tenant).clone();
-    let (m, file) = export(&state.store, &tenant, tmp, a.ctx.now)
-        .await
-        .map_err(AppError::Internal)?;
+    let (m, file) = export(
+        &state.store,
+        &state.config.data_dir,
+        &tenant,
+        tmp,
+        a.ctx.now,
+    )
+    .await
+    .map_err(AppError::Internal)?;
     let rows: u64 = m.files.iter().map(|f| f.rows).sum();
     state
         .store

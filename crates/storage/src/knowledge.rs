@@ -106,7 +106,7 @@ const COLLECTION_COLS: &str =
     "c.id, c.tenant_id, c.department_id, d.path AS department_path, c.name, c.description, \
     c.classification, c.restricted, c.created_at, \
     (SELECT COUNT(*) FROM kb_documents k WHERE k.collection_id = c.id) AS documents, \
-    (SELECT COALESCE(SUM(k.bytes), 0) FROM kb_documents k WHERE k.collection_id = c.id) AS bytes";
+    (SELECT CAST(COALESCE(SUM(k.bytes), 0) AS BIGINT) FROM kb_documents k WHERE k.collection_id = c.id) AS bytes";
 
 const DOCUMENT_COLS: &str =
     "id, tenant_id, collection_id, name, kind, bytes, sha256, status, pages, pages_done, \
@@ -374,7 +374,7 @@ impl Store {
     /// Bytes of all documents the tenant has stored (for its storage quota).
     pub async fn knowledge_bytes(&self, tenant_id: &str) -> Result<i64> {
         let r = sqlx::query(
-            "SELECT COALESCE(SUM(bytes), 0) AS n FROM kb_documents WHERE tenant_id = $1",
+            "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS n FROM kb_documents WHERE tenant_id = $1",
         )
         .bind(tenant_id)
         .fetch_one(&self.pool)
