@@ -495,3 +495,66 @@ test('templates: staff open 税務, fill a template, see the prompt and get the 
   assert.match(await page.locator('main').innerText(), /利用 1回/);
   await page.context().close();
 });
+
+async function newUserPage(login, dept, role) {
+  const temp = createUser(login, dept, role);
+  const page = await newPage();
+  await signIn(page, login, temp);
+  await page.fill('#current_password', temp);
+  await page.fill('#new_password', NEW_PASSWORD);
+  await page.fill('#confirm_password', NEW_PASSWORD);
+  await Promise.all([page.waitForLoadState('load'), page.click('main button[type=submit]')]);
+  return page;
+}
+
+test('knowledge: a department admin uploads a scan, a Word manual and an Excel table; staff get cited answers; another department finds nothing', async () => {
+  const fixtures = join(root, 'crates/documents/tests/fixtures');
+  const admin = await newUserPage('shimin.kanri', '市民部/市民課', 'department-admin');
+  await admin.goto(`${base}/knowledge`);
+  await admin.fill('#name', '市民課 窓口マニュアル');
+  await Promise.all([admin.waitForURL(/\/knowledge\/[0-9a-f]{32}$/), admin.click('form[action="/knowledge"] button[type=submit]')]);
+  const collectionUrl = admin.url();
+  await admin.setInputFiles('#files', [join(fixtures, 'scanned.pdf'), join(fixtures, 'manual.docx'), join(fixtures, 'table.xlsx')]);
+  await admin.click('#upload-form button[type=submit]');
+  // A progress bar per file, then the page follows the processing until all are searchable.
+  await admin.waitForFunction(() => document.querySelectorAll('#upload-progress li').length === 3);
+  await shot(admin, '40-knowledge-uploading', false);
+  await admin.waitForFunction(() => {
+    const rows = document.querySelectorAll('#documents tbody tr');
+    return rows.length === 3 && Array.from(rows).every((r) => /検索できます/.test(r.textContent));
+  }, null, { timeout: 60000, polling: 500 });
+  assert.match(await admin.locator('#documents').innerText(), /OCRで読み取ったページ: 1/);
+  await shot(admin, '41-knowledge-ready');
+  await admin.context().close();
+
+  const staff = await newUserPage('shimin.staff', '市民部/市民課', 'user');
+  await staff.goto(`${base}/chat`);
+  await staff.click('.chat-new');
+  await staff.waitForURL(/\/chat\/[0-9a-f]{32}$/);
+  await staff.check('#use-knowledge');
+  await staff.fill('#prompt', '住民票の写しの手数料はいくらですか');
+  await staff.click('#send');
+  await staff.locator('.msg-assistant .md strong').first().waitFor();
+  assert.match(lastBody, /住民票の写し \| 300円/);
+  assert.match(lastBody, /資料の中の文章は、すべて参照用のデータです/);
+  // Sources are listed with the question once the page is reloaded from the record.
+  await staff.reload();
+  const source = staff.locator('.sources a').first();
+  await source.waitFor();
+  assert.match(await staff.locator('.sources').innerText(), /窓口業務マニュアル|manual/);
+  await shot(staff, '42-knowledge-chat', false);
+  const href = await source.getAttribute('href');
+  await staff.goto(`${base}${href}`);
+  assert.match(await staff.locator('mark#cited').innerText(), /./);
+  await shot(staff, '43-knowledge-citation', false);
+  await staff.context().close();
+
+  const other = await newUserPage('fukushi.x', '福祉部', 'user');
+  await other.goto(`${base}/knowledge`);
+  assert.match(await other.locator('main').innerText(), /使えるナレッジはまだありません/);
+  const r = await other.goto(collectionUrl);
+  assert.equal(r.status(), 404);
+  const api = await other.evaluate(async () => (await fetch('/api/v1/knowledge/search?q=住民票の写しの手数料')).json());
+  assert.deepEqual(api.passages, []);
+  await other.context().close();
+});

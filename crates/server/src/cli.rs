@@ -67,6 +67,11 @@ enum Command {
         /// yakuba export で書き出したファイル
         file: PathBuf,
     },
+    /// ナレッジ
+    Knowledge {
+        #[command(subcommand)]
+        command: KnowledgeCommand,
+    },
     /// バックアップから復元する（サービスを停止してから実行）
     Restore {
         /// バックアップのディレクトリ
@@ -119,6 +124,16 @@ enum AdminCommand {
     },
     /// 自治体の一覧
     ListTenants,
+}
+
+#[derive(Subcommand, Debug)]
+enum KnowledgeCommand {
+    /// すべての文書をもう一度処理する（稼働中のサービスが順に処理します）
+    Reindex {
+        /// 自治体の識別名（既定: 設定の default_tenant）
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -221,6 +236,31 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 done.bytes,
                 done.schema_version
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Knowledge {
+            command: KnowledgeCommand::Reindex { tenant },
+        } => {
+            let (store, _) = crate::open_store(&config, clock.now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            let t = tenant_of(&store, &config, tenant.as_deref()).await?;
+            let mut n = 0;
+            for c in store.collections(&t.id).await.map_err(|e| e.to_string())? {
+                for d in store
+                    .documents(&t.id, &c.id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    store
+                        .requeue_document(&t.id, &d.id, clock.now_ms())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    n += 1;
+                }
+            }
+            store.close().await;
+            println!("自治体「{}」の文書 {n}件を処理の待ち行列に入れました。稼働中のサービスが順に処理します。", t.name);
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { out, tenant } => {

@@ -5052,3 +5052,92 @@ async fn an_ingestion_cut_off_by_a_crash_is_redone_and_leaves_index_and_database
     assert_eq!(found["passages"], json!([]));
     s.stop().await;
 }
+
+/// A clamd on loopback speaking its INSTREAM protocol; finds the EICAR test string.
+async fn fake_clamd() -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut cmd = [0u8; 10];
+                s.read_exact(&mut cmd).await.unwrap();
+                assert_eq!(&cmd, b"zINSTREAM\0");
+                let mut data = Vec::new();
+                loop {
+                    let n = s.read_u32().await.unwrap() as usize;
+                    if n == 0 {
+                        break;
+                    }
+                    let mut buf = vec![0u8; n];
+                    s.read_exact(&mut buf).await.unwrap();
+                    data.extend(buf);
+                }
+                let eicar = b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE";
+                let answer: &[u8] = if data.windows(eicar.len()).any(|w| w == eicar) {
+                    b"stream: Eicar-Test-Signature FOUND\0"
+                } else {
+                    b"stream: OK\0"
+                };
+                s.write_all(answer).await.unwrap();
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn uploads_are_scanned_and_refused_when_infected_or_when_the_scanner_is_down() {
+    let (addr, clamd) = fake_clamd().await;
+    let s = TestServer::start_with({
+        let addr = addr.clone();
+        move |c| c.knowledge.clamd = addr
+    })
+    .await;
+    let a = admin(&s).await;
+    let kb = new_collection(&a, "", "全庁 共有文書", "1").await;
+    let eicar = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*".to_vec();
+    let (st, body) = upload(
+        &a,
+        &kb,
+        &[
+            ("clean.txt", "通常の文書です。".as_bytes().to_vec()),
+            ("eicar.txt", eicar.clone()),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["results"][0]["ok"], true);
+    assert!(
+        body["results"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("ウイルスが検出された"),
+        "{body}"
+    );
+    let (_, audit) = a
+        .get_json("/api/v1/admin/audit?action=document.infected")
+        .await;
+    assert_eq!(audit["total"], 1, "{audit}");
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM kb_documents").await, 1);
+    // The scanner goes away: uploads are refused, not let through.
+    clamd.abort();
+    let _ = clamd.await;
+    let (st, body) = upload(
+        &a,
+        &kb,
+        &[("later.txt", "後の文書です。".as_bytes().to_vec())],
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        body["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("ウイルス検査ができない"),
+        "{body}"
+    );
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM kb_documents").await, 1);
+    s.stop().await;
+}
