@@ -512,7 +512,8 @@ test('knowledge: a department admin uploads a scan, a Word manual and an Excel t
   const admin = await newUserPage('shimin.kanri', '市民部/市民課', 'department-admin');
   await admin.goto(`${base}/knowledge`);
   await admin.fill('#name', '市民課 窓口マニュアル');
-  await Promise.all([admin.waitForURL(/\/knowledge\/[0-9a-f]{32}$/), admin.click('form[action="/knowledge"] button[type=submit]')]);
+  await Promise.all([admin.waitForLoadState('load'), admin.click('form[action="/knowledge"] button[type=submit]')]);
+  assert.match(admin.url(), /\/knowledge\/[0-9a-f]{32}$/, await admin.locator('main').innerText());
   const collectionUrl = admin.url();
   await admin.setInputFiles('#files', [join(fixtures, 'scanned.pdf'), join(fixtures, 'manual.docx'), join(fixtures, 'table.xlsx')]);
   await admin.click('#upload-form button[type=submit]');

@@ -165,10 +165,10 @@ struct ListPage {
 }
 
 async fn list_view(state: &Shared, a: &Authed, errors: Vec<String>) -> AppResult<ListPage> {
-    let catalog = state.catalog(&a.ctx.tenant.id).await?;
+    // Straight from the database: a department made a moment ago must be offered.
+    let paths = state.store.department_paths(&a.ctx.tenant.id).await?;
     let actor = a.actor();
-    let mut departments: Vec<(String, String)> = catalog
-        .department_paths
+    let mut departments: Vec<(String, String)> = paths
         .iter()
         .filter(|(_, p)| policy::create_collection(actor, Some(p)) == Decision::Allow)
         .map(|(id, p)| (id.clone(), p.clone()))
