@@ -212,6 +212,15 @@
       var p = JSON.parse(pending);
       prompt.value = p.content || '';
       if (p.model_id && model.querySelector('option[value="' + p.model_id.replace(/[^0-9a-f]/g, '') + '"]')) model.value = p.model_id;
+      // A RAG template: ask over its knowledge (none ticked means all the user may read).
+      var useKnowledge = document.getElementById('use-knowledge');
+      if (Array.isArray(p.knowledge) && useKnowledge) {
+        useKnowledge.checked = true;
+        p.knowledge.forEach(function (id) {
+          var box = document.querySelector('.knowledge-picker input[name="collection"][value="' + String(id).replace(/[^0-9a-f]/g, '') + '"]');
+          if (box) box.checked = true;
+        });
+      }
       if (prompt.value.trim()) send();
     } catch (e) { /* ignore a damaged entry */ }
   }

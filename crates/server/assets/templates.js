@@ -23,7 +23,8 @@
       if (!r.ok) { show((body.error && body.error.message) || '会話を作成できませんでした。'); btn.disabled = false; return; }
       sessionStorage.setItem('yakuba.send.' + body.id, JSON.stringify({
         content: text.value,
-        model_id: (model && model.value) || text.getAttribute('data-model')
+        model_id: (model && model.value) || text.getAttribute('data-model'),
+        knowledge: JSON.parse(text.getAttribute('data-knowledge') || 'null')
       }));
       location.href = '/chat/' + body.id;
     } catch (e) {

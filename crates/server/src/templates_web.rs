@@ -92,6 +92,14 @@ impl Found {
             Found::Custom(t) => t.model_id.as_deref(),
         }
     }
+    /// The knowledge a run asks over: the RAG templates shipped with the product use every
+    /// collection the user may read.
+    fn knowledge(&self) -> Option<Vec<String>> {
+        match self {
+            Found::BuiltIn(b) => (b.text.category == "RAG向け").then(Vec::new),
+            Found::Custom(t) => t.knowledge.clone(),
+        }
+    }
 }
 
 fn place_of(t: &PromptTemplate) -> TemplatePlace<'_> {
@@ -366,6 +374,9 @@ struct RunPage {
     composed: String,
     errors: Vec<FieldError>,
     max_chars: u32,
+    /// `null`, `[]` (all readable) or the collection ids, for the chat to ask over.
+    knowledge_json: String,
+    knowledge_note: String,
 }
 
 fn form_fields(
@@ -441,6 +452,18 @@ async fn run_view(
         composed,
         errors,
         max_chars: a.ctx.tenant.settings.chat.max_message_chars,
+        knowledge_note: match found.knowledge() {
+            None => String::new(),
+            Some(k) if k.is_empty() => {
+                "このテンプレートは、使えるナレッジ（庁内の文書）すべてを根拠に回答させます。"
+                    .into()
+            }
+            Some(k) => format!(
+                "このテンプレートは、指定されたナレッジ（{}件）を根拠に回答させます。",
+                k.len()
+            ),
+        },
+        knowledge_json: serde_json::to_string(&found.knowledge()).unwrap_or_else(|_| "null".into()),
     })
 }
 
@@ -524,6 +547,10 @@ struct EditPage {
     model_id: String,
     errors: Vec<FieldError>,
     source: String,
+    /// `""` none, `all`, `selected`.
+    knowledge_mode: String,
+    /// (id, label, chosen)
+    collections: Vec<(String, String, bool)>,
 }
 
 #[derive(Deserialize, Default)]
@@ -556,7 +583,28 @@ async fn edit_view(
         .into_iter()
         .map(|(_, c)| c)
         .collect();
+    let chosen = w.knowledge.clone().unwrap_or_default();
+    let collections = crate::knowledge::readable(state, a)
+        .await?
+        .into_iter()
+        .map(|c| {
+            let on = chosen.contains(&c.id);
+            (
+                c.id,
+                format!("{}（機密性{}）", c.name, c.classification),
+                on,
+            )
+        })
+        .collect();
+    let knowledge_mode = match &w.knowledge {
+        None => "",
+        Some(k) if k.is_empty() => "all",
+        Some(_) => "selected",
+    }
+    .to_string();
     Ok(EditPage {
+        knowledge_mode,
+        collections,
         l: Layout::for_user(a, heading, "templates"),
         action,
         heading: heading.to_string(),
@@ -577,7 +625,7 @@ async fn new_page(
     Query(q): Query<NewQuery>,
 ) -> AppResult<Response> {
     chat::require_chat(&a)?;
-    let (t, source, model) = if q.from.is_empty() {
+    let (t, source, model, knowledge) = if q.from.is_empty() {
         (
             TemplateText {
                 category: "その他".into(),
@@ -585,6 +633,7 @@ async fn new_page(
             },
             String::new(),
             String::new(),
+            None,
         )
     } else {
         let f = find(&state, &a, &q.from).await?;
@@ -594,7 +643,12 @@ async fn new_page(
             Found::BuiltIn(b) => format!("builtin:{}@{}", b.key, b.version),
             Found::Custom(c) => c.id.clone(),
         };
-        (t, source, f.model_id().unwrap_or_default().to_string())
+        (
+            t,
+            source,
+            f.model_id().unwrap_or_default().to_string(),
+            f.knowledge(),
+        )
     };
     render(
         &edit_view(
@@ -607,6 +661,8 @@ async fn new_page(
                 scope: "personal".into(),
                 model_id: model,
                 source,
+                knowledge,
+                knowledge_selected: false,
             },
             Vec::new(),
         )
@@ -656,6 +712,9 @@ struct Written {
     scope: String,
     model_id: String,
     source: String,
+    knowledge: Option<Vec<String>>,
+    /// "Chosen collections" was picked (an empty choice is then an error, not "all").
+    knowledge_selected: bool,
 }
 
 fn written(f: &HashMap<String, String>) -> Written {
@@ -671,6 +730,20 @@ fn written(f: &HashMap<String, String>) -> Written {
         scope: g("scope"),
         model_id: g("model_id"),
         source: g("source"),
+        knowledge_selected: g("knowledge_mode") == "selected",
+        knowledge: match g("knowledge_mode").as_str() {
+            "all" => Some(Vec::new()),
+            "selected" => {
+                let mut ids: Vec<String> = f
+                    .keys()
+                    .filter_map(|k| k.strip_prefix("kb_"))
+                    .map(str::to_string)
+                    .collect();
+                ids.sort();
+                Some(ids)
+            }
+            _ => None,
+        },
     }
 }
 
@@ -692,7 +765,27 @@ async fn checked_input(state: &Shared, a: &Authed, w: &Written) -> AppResult<Tem
             "このモデルは選べません。一覧から選び直してください。",
         ));
     };
+    if let Some(ids) = &w.knowledge {
+        let readable: Vec<String> = crate::knowledge::readable(state, a)
+            .await?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        if ids.iter().any(|id| !readable.contains(id)) {
+            return Err(AppError::field(
+                "knowledge",
+                "選べないナレッジが含まれています。一覧から選び直してください。",
+            ));
+        }
+        if ids.is_empty() && w.knowledge_selected {
+            return Err(AppError::field(
+                "knowledge",
+                "使うナレッジを1つ以上選んでください（すべてを使う場合は「使えるものすべて」）。",
+            ));
+        }
+    }
     Ok(TemplateInput {
+        knowledge: w.knowledge.clone(),
         scope,
         department_id,
         owner_id,
@@ -769,6 +862,8 @@ async fn edit_page(
                 scope: scope_value(&t),
                 model_id: t.model_id.clone().unwrap_or_default(),
                 source: String::new(),
+                knowledge: t.knowledge.clone(),
+                knowledge_selected: false,
             },
             Vec::new(),
         )
@@ -891,6 +986,8 @@ async fn import(State(state): State<Shared>, a: Authed, mp: Multipart) -> AppRes
                         guidance: t.guidance,
                         body: t.body,
                         model_id: None,
+                        // Collections are the city's own; an import asks over none.
+                        knowledge: None,
                         source_key: Some("import".into()),
                     })
                     .collect();

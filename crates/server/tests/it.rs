@@ -5141,3 +5141,87 @@ async fn uploads_are_scanned_and_refused_when_infected_or_when_the_scanner_is_do
     assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM kb_documents").await, 1);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn rag_templates_preselect_knowledge_for_the_chat() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let (dadmin, _) = s
+        .signed_in("zeimu.kanri", "税務部", Role::DepartmentAdmin)
+        .await;
+    let (other, _) = s
+        .signed_in("fukushi.kanri", "福祉部", Role::DepartmentAdmin)
+        .await;
+    let zeimu = dept_id(&a, "税務部").await;
+    let kb = new_collection(&dadmin, &zeimu, "税務部 例規", "2").await;
+    // The RAG templates shipped with the product ask over all the user may read.
+    let (st, page) = dadmin.get_text("/templates/b.rag-regulation-qa").await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(page.contains("使えるナレッジ（庁内の文書）すべて"), "{page}");
+    let r = dadmin
+        .post_form(
+            "/templates/b.rag-regulation-qa/compose",
+            &[("f0", "住民税の減免"), ("f1", "災害で被害を受けた場合に減免されますか")],
+        )
+        .await;
+    let page = r.text().await.unwrap();
+    assert!(page.contains("data-knowledge=\"[]\""), "{page}");
+    let (_, page) = dadmin
+        .get_text("/templates/b.tax-reduction-explainer")
+        .await;
+    assert!(!page.contains("すべてを根拠に回答させます"));
+    // A department's own RAG template names its collection.
+    let r = dadmin
+        .post_form(
+            "/templates/new",
+            &[
+                ("scope", &format!("department:{zeimu}")),
+                ("category", "RAG向け"),
+                ("title", "例規への照会"),
+                (
+                    "body",
+                    "{{質問}}について、例規の該当箇所を示して答えてください。",
+                ),
+                ("knowledge_mode", "selected"),
+                (&format!("kb_{kb}"), "1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let t = r.headers()["location"].to_str().unwrap().to_string();
+    let r = dadmin
+        .post_form(&format!("{t}/compose"), &[("f0", "固定資産税の納期")])
+        .await;
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains(&format!("data-knowledge=\"[&#34;{kb}&#34;]\""))
+            || page.contains(&format!("data-knowledge=\"[&quot;{kb}&quot;]\"")),
+        "{page}"
+    );
+    // Bad input: a collection the writer may not read; "chosen" with nothing chosen.
+    for fields in [
+        vec![
+            ("knowledge_mode", "selected".to_string()),
+            (format!("kb_{kb}").leak() as &str, "1".to_string()),
+        ],
+        vec![("knowledge_mode", "selected".to_string())],
+    ] {
+        let mut f: Vec<(&str, &str)> = vec![
+            ("scope", "personal"),
+            ("category", "RAG向け"),
+            ("title", "他部署の例規"),
+            ("body", "{{質問}}"),
+        ];
+        for (k, v) in &fields {
+            f.push((k, v.as_str()));
+        }
+        let r = other.post_form("/templates/new", &f).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{fields:?}");
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("選べないナレッジ") || body.contains("1つ以上選んで"),
+            "{body}"
+        );
+    }
+    s.stop().await;
+}

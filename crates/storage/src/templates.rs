@@ -25,6 +25,8 @@ pub struct PromptTemplate {
     pub guidance: String,
     pub body: String,
     pub model_id: Option<String>,
+    /// Knowledge to ask over: `None` none, `Some([])` all the user may read.
+    pub knowledge: Option<Vec<String>>,
     pub source_key: Option<String>,
     pub created_by: String,
     pub created_at: i64,
@@ -42,6 +44,8 @@ pub struct TemplateInput {
     pub guidance: String,
     pub body: String,
     pub model_id: Option<String>,
+    /// Knowledge to ask over: `None` none, `Some([])` all the user may read.
+    pub knowledge: Option<Vec<String>>,
     pub source_key: Option<String>,
 }
 
@@ -58,7 +62,7 @@ pub struct Viewer {
 }
 
 const SELECT: &str = "SELECT t.id, t.tenant_id, t.scope, t.department_id, d.path AS department_path, t.owner_id, \
-    t.category, t.title, t.purpose, t.guidance, t.body, t.model_id, t.source_key, t.created_by, t.created_at, t.updated_at \
+    t.category, t.title, t.purpose, t.guidance, t.body, t.model_id, t.knowledge, t.source_key, t.created_by, t.created_at, t.updated_at \
     FROM prompt_templates t LEFT JOIN departments d ON d.id = t.department_id";
 
 /// The visibility rule, with $2 user id, $3 department path, $4 all departments (0/1),
@@ -83,6 +87,7 @@ fn from_row(r: &AnyRow) -> Result<PromptTemplate> {
         guidance: get_str(r, "guidance")?,
         body: get_str(r, "body")?,
         model_id: get_opt_str(r, "model_id")?,
+        knowledge: get_opt_str(r, "knowledge")?.and_then(|k| serde_json::from_str(&k).ok()),
         source_key: get_opt_str(r, "source_key")?,
         created_by: get_str(r, "created_by")?,
         created_at: get_i64(r, "created_at")?,
@@ -140,7 +145,7 @@ impl Store {
             let id = domain::ids::new_id();
             sqlx::query(
                 "INSERT INTO prompt_templates (id, tenant_id, scope, department_id, owner_id, category, title, purpose, guidance, body, \
-                 model_id, source_key, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+                 model_id, source_key, created_by, created_at, updated_at, knowledge) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15)",
             )
             .bind(&id)
             .bind(tenant_id)
@@ -156,6 +161,7 @@ impl Store {
             .bind(&t.source_key)
             .bind(created_by)
             .bind(now)
+            .bind(t.knowledge.as_ref().map(|k| serde_json::json!(k).to_string()))
             .execute(&mut *tx)
             .await?;
             append(
@@ -184,7 +190,7 @@ impl Store {
         let mut tx = self.write_tx().await?;
         let n = sqlx::query(
             "UPDATE prompt_templates SET scope = $1, department_id = $2, owner_id = $3, category = $4, title = $5, purpose = $6, \
-             guidance = $7, body = $8, model_id = $9, updated_at = $10 WHERE tenant_id = $11 AND id = $12",
+             guidance = $7, body = $8, model_id = $9, updated_at = $10, knowledge = $13 WHERE tenant_id = $11 AND id = $12",
         )
         .bind(&t.scope)
         .bind(&t.department_id)
@@ -198,6 +204,7 @@ impl Store {
         .bind(now)
         .bind(tenant_id)
         .bind(id)
+        .bind(t.knowledge.as_ref().map(|k| serde_json::json!(k).to_string()))
         .execute(&mut *tx)
         .await?
         .rows_affected();

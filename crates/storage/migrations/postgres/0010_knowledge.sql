@@ -84,3 +84,7 @@ ALTER TABLE llm_models ADD COLUMN max_class BIGINT NOT NULL DEFAULT 2;
 
 -- The passages a question was asked over (JSON): citations and regeneration.
 ALTER TABLE messages ADD COLUMN sources TEXT;
+
+-- A template may ask over knowledge (RAG templates): NULL none, a JSON list of collection
+-- ids, an empty list for every collection the user may read.
+ALTER TABLE prompt_templates ADD COLUMN knowledge TEXT;
