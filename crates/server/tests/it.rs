@@ -5157,11 +5157,17 @@ async fn rag_templates_preselect_knowledge_for_the_chat() {
     // The RAG templates shipped with the product ask over all the user may read.
     let (st, page) = dadmin.get_text("/templates/b.rag-regulation-qa").await;
     assert_eq!(st, StatusCode::OK);
-    assert!(page.contains("使えるナレッジ（庁内の文書）すべて"), "{page}");
+    assert!(
+        page.contains("使えるナレッジ（庁内の文書）すべて"),
+        "{page}"
+    );
     let r = dadmin
         .post_form(
             "/templates/b.rag-regulation-qa/compose",
-            &[("f0", "住民税の減免"), ("f1", "災害で被害を受けた場合に減免されますか")],
+            &[
+                ("f0", "住民税の減免"),
+                ("f1", "災害で被害を受けた場合に減免されますか"),
+            ],
         )
         .await;
     let page = r.text().await.unwrap();
