@@ -264,12 +264,9 @@ async fn create(
     let (department_id, path) = if owner.is_empty() {
         (None, None)
     } else {
-        let catalog = state.catalog(&a.ctx.tenant.id).await?;
-        let p = catalog
-            .department_paths
-            .get(owner)
-            .cloned()
-            .ok_or(AppError::NotFound)?;
+        // From the database: a department made a moment ago is not in the cached catalog.
+        let paths = state.store.department_paths(&a.ctx.tenant.id).await?;
+        let p = paths.get(owner).cloned().ok_or(AppError::NotFound)?;
         (Some(owner.to_string()), Some(p))
     };
     decide(policy::create_collection(a.actor(), path.as_deref()))?;
