@@ -1,0 +1,181 @@
+//! The analyser comparison on jaquad-dev: character bigrams (what yakuba ships) against a
+//! morphological analyser (vibrato with IPADIC, built here from Debian's `mecab-ipadic`
+//! sources, no download), and both fields together. BM25 for each; the same query rule
+//! (terms of hiragana only dropped when three or more others remain).
+//!
+//! `apt-get install mecab-ipadic`, then
+//! `cargo bench -p search --features morph --bench jaquad_morph`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use tantivy::collector::TopDocs;
+use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
+use tantivy::schema::{IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
+use tantivy::{doc, Index, TantivyDocument, Term};
+use unicode_normalization::UnicodeNormalization;
+
+fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn euc(path: &std::path::Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    encoding_rs::EUC_JP.decode(&bytes).0.into_owned()
+}
+
+fn dictionary() -> vibrato::Dictionary {
+    let dir = std::path::Path::new("/usr/share/mecab/dic/ipadic");
+    let mut lexicon = String::new();
+    let mut csvs: Vec<_> = std::fs::read_dir(dir)
+        .expect("apt-get install mecab-ipadic")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+        .collect();
+    csvs.sort();
+    for p in csvs {
+        lexicon.push_str(&euc(&p));
+        if !lexicon.ends_with('\n') {
+            lexicon.push('\n');
+        }
+    }
+    vibrato::SystemDictionaryBuilder::from_readers(
+        lexicon.as_bytes(),
+        euc(&dir.join("matrix.def")).as_bytes(),
+        euc(&dir.join("char.def")).as_bytes(),
+        euc(&dir.join("unk.def")).as_bytes(),
+    )
+    .unwrap()
+}
+
+fn kana(t: &str) -> bool {
+    t.chars().all(|c| ('\u{3040}'..='\u{309F}').contains(&c))
+}
+
+fn query_terms(mut terms: Vec<String>) -> Vec<String> {
+    terms.sort();
+    terms.dedup();
+    if terms.iter().filter(|t| !kana(t)).count() >= 3 {
+        terms.retain(|t| !kana(t));
+    }
+    terms
+}
+
+fn main() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/jaquad-dev");
+    let corpus = lines(&dir.join("corpus.jsonl"));
+    let queries = lines(&dir.join("queries.jsonl"));
+    let qrels: HashMap<String, String> = lines(&dir.join("qrels.jsonl"))
+        .into_iter()
+        .map(|q| {
+            (
+                q["query_id"].as_str().unwrap().to_string(),
+                q["corpus_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let tokenizer = vibrato::Tokenizer::new(dictionary());
+    println!(
+        "IPADIC dictionary built from mecab-ipadic sources in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut worker = tokenizer.new_worker();
+    let mut morph = |text: &str| -> Vec<String> {
+        let norm: String = text.nfkc().flat_map(char::to_lowercase).collect();
+        worker.reset_sentence(&norm);
+        worker.tokenize();
+        (0..worker.num_tokens())
+            .map(|i| worker.token(i).surface().to_string())
+            .filter(|s| s.chars().any(char::is_alphanumeric))
+            .collect()
+    };
+    let mut b = Schema::builder();
+    let id = b.add_text_field("id", STRING | STORED);
+    let bi = b.add_text_field("bi", TEXT);
+    let mo = b.add_text_field("mo", TEXT);
+    let index = Index::create_in_ram(b.build());
+    let mut w = index.writer_with_num_threads(1, 50_000_000).unwrap();
+    for d in &corpus {
+        let text = format!(
+            "{}\n{}",
+            d["title"].as_str().unwrap(),
+            d["text"].as_str().unwrap()
+        );
+        // Pre-tokenised, one term per space-separated word (tantivy's default tokenizer).
+        w.add_document(doc!(
+            id => d["_id"].as_str().unwrap(),
+            bi => search::analyse(&text).join(" "),
+            mo => morph(&text).join(" "),
+        ))
+        .unwrap();
+    }
+    w.commit().unwrap();
+    let reader = index.reader().unwrap();
+    let searcher = reader.searcher();
+    for (label, fields) in [
+        ("character bigrams", vec![bi]),
+        ("morphological (IPADIC, vibrato)", vec![mo]),
+        ("both fields together", vec![bi, mo]),
+    ] {
+        let (mut r5, mut r10, mut mrr, mut n) = (0.0, 0.0, 0.0, 0.0);
+        for q in &queries {
+            let Some(want) = qrels.get(q["_id"].as_str().unwrap()) else {
+                continue;
+            };
+            let text = q["text"].as_str().unwrap();
+            let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+            for f in &fields {
+                let terms = if *f == bi {
+                    query_terms(search::analyse(text))
+                } else {
+                    query_terms(morph(text))
+                };
+                for t in terms {
+                    clauses.push((
+                        Occur::Should,
+                        Box::new(TermQuery::new(
+                            Term::from_field_text(*f, &t),
+                            IndexRecordOption::WithFreqs,
+                        )),
+                    ));
+                }
+            }
+            n += 1.0;
+            let top = searcher
+                .search(
+                    &BooleanQuery::new(clauses),
+                    &TopDocs::with_limit(10).order_by_score(),
+                )
+                .unwrap();
+            let ids: Vec<String> = top
+                .iter()
+                .map(|(_, a)| {
+                    let d: TantivyDocument = searcher.doc(*a).unwrap();
+                    d.get_first(id)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            if let Some(rank) = ids.iter().position(|x| x == want) {
+                if rank < 5 {
+                    r5 += 1.0;
+                }
+                r10 += 1.0;
+                mrr += 1.0 / (rank as f64 + 1.0);
+            }
+        }
+        println!(
+            "{label:34} recall@5 {:.4}  recall@10 {:.4}  MRR@10 {:.4}",
+            r5 / n,
+            r10 / n,
+            mrr / n
+        );
+    }
+}
