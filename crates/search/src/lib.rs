@@ -172,7 +172,6 @@ struct Fields {
 
 /// A tenant's index. Writes are buffered until [`SearchIndex::commit`].
 pub struct SearchIndex {
-    index: Index,
     writer: Mutex<IndexWriter>,
     reader: IndexReader,
     f: Fields,
@@ -229,7 +228,6 @@ impl SearchIndex {
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
         Ok(SearchIndex {
-            index,
             writer: Mutex::new(writer),
             reader,
             f,
@@ -346,11 +344,6 @@ impl SearchIndex {
             });
         }
         Ok(hits)
-    }
-
-    #[doc(hidden)]
-    pub fn tantivy(&self) -> &Index {
-        &self.index
     }
 }
 

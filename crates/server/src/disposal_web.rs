@@ -240,14 +240,15 @@ async fn dispose_department(
     if !errors.is_empty() {
         return refuse(&state, &a, errors).await;
     }
-    // The department's documents: their files and index entries go after the rows.
-    let mut documents = Vec::new();
+    // The department's collections: their files and index entries go after the rows.
+    let mut collections = Vec::new();
     for c in state.store.collections(&a.ctx.tenant.id).await? {
         if c.department_path
             .as_deref()
             .is_some_and(|p| policy::in_subtree(&path, p))
         {
-            documents.extend(state.store.documents(&a.ctx.tenant.id, &c.id).await?);
+            let docs = state.store.documents(&a.ctx.tenant.id, &c.id).await?;
+            collections.push((c.id, docs));
         }
     }
     match state
@@ -256,8 +257,9 @@ async fn dispose_department(
         .await
     {
         Ok(d) => {
-            for doc in &documents {
-                crate::knowledge::forget_document(&state, doc).await?;
+            for (collection, docs) in &collections {
+                crate::knowledge::forget_collection(&state, &a.ctx.tenant.id, collection, docs)
+                    .await?;
             }
             state.catalogs.invalidate(&a.ctx.tenant.id);
             Ok(Redirect::to(&format!("/admin/disposal/{}", d.id)).into_response())

@@ -138,6 +138,31 @@ pub async fn forget_document(state: &Shared, d: &KbDocument) -> AppResult<()> {
     Ok(())
 }
 
+/// Removes a deleted collection's index entries (one commit) and the files no other
+/// document shares.
+pub async fn forget_collection(
+    state: &Shared,
+    tenant_id: &str,
+    collection_id: &str,
+    docs: &[KbDocument],
+) -> AppResult<()> {
+    let ix = state.indexes.get(state, tenant_id)?;
+    let id = collection_id.to_string();
+    tokio::task::spawn_blocking(move || {
+        ix.delete_collection(&id)?;
+        ix.commit()
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))?
+    .map_err(|e| AppError::Internal(e.to_string()))?;
+    for d in docs {
+        if !state.store.blob_in_use(tenant_id, &d.sha256).await? {
+            let _ = tokio::fs::remove_file(blob_path(state, tenant_id, &d.sha256)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Removes all of a tenant's files and its index (tenant disposal).
 pub async fn forget_tenant(state: &Shared, tenant_id: &str) {
     state.indexes.drop_tenant(tenant_id);

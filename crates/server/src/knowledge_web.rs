@@ -444,9 +444,7 @@ async fn delete_collection(
         .store
         .delete_collection(&a.ctx.tenant.id, &c.id, a.audit())
         .await?;
-    for d in &docs {
-        knowledge::forget_document(&state, d).await?;
-    }
+    knowledge::forget_collection(&state, &a.ctx.tenant.id, &c.id, &docs).await?;
     Ok(Redirect::to("/knowledge").into_response())
 }
 

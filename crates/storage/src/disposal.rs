@@ -14,7 +14,9 @@
 //! record is the disposal itself.
 
 use crate::audit::{append, AuditEvent};
-use crate::{get_i64, get_opt_i64, get_opt_str, get_str, Backend, Result, StorageError, Store};
+use crate::{
+    count, exec, get_i64, get_opt_i64, get_opt_str, get_str, Backend, Result, StorageError, Store,
+};
 use sqlx::AnyConnection;
 
 /// How long a tenant disposal request waits for its second admin.
@@ -106,23 +108,6 @@ fn row_to_disposal(r: &sqlx::any::AnyRow) -> Result<Disposal> {
         counts,
         method: get_str(r, "method")?,
     })
-}
-
-async fn exec(conn: &mut AnyConnection, sql: &str, binds: &[&str]) -> Result<u64> {
-    let mut q = sqlx::query(sql);
-    for b in binds {
-        q = q.bind(*b);
-    }
-    Ok(q.execute(&mut *conn).await?.rows_affected())
-}
-
-async fn count(conn: &mut AnyConnection, sql: &str, binds: &[&str]) -> Result<i64> {
-    let mut q = sqlx::query(sql);
-    for b in binds {
-        q = q.bind(*b);
-    }
-    let r = q.fetch_one(&mut *conn).await?;
-    get_i64(&r, "n")
 }
 
 /// Removes everything of one user but the audit log. Usage rows stay for the tenant's

@@ -6,7 +6,8 @@
 
 use crate::audit::{append, AuditEvent};
 use crate::{
-    conflict_on_unique, get_i64, get_opt_i64, get_opt_str, get_str, Result, StorageError, Store,
+    conflict_on_unique, exec, get_i64, get_opt_i64, get_opt_str, get_str, Result, StorageError,
+    Store,
 };
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -300,36 +301,22 @@ impl Store {
     ) -> Result<Vec<KbDocument>> {
         let docs = self.documents(tenant_id, id).await?;
         let mut tx = self.write_tx().await?;
-        for (table, key) in [("kb_chunks", "collection_id")] {
-            sqlx::query(&format!(
-                "DELETE FROM {table} WHERE tenant_id = $1 AND {key} = $2"
-            ))
-            .bind(tenant_id)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        // Passages, pages and jobs of its documents, the documents, then the collection.
+        let docs_of = "(SELECT id FROM kb_documents WHERE collection_id = $2)";
+        for sql in [
+            "DELETE FROM kb_chunks WHERE tenant_id = $1 AND collection_id = $2".to_string(),
+            format!("DELETE FROM kb_pages WHERE tenant_id = $1 AND document_id IN {docs_of}"),
+            format!("DELETE FROM jobs WHERE tenant_id = $1 AND target_id IN {docs_of}"),
+            "DELETE FROM kb_documents WHERE tenant_id = $1 AND collection_id = $2".to_string(),
+        ] {
+            exec(&mut tx, &sql, &[tenant_id, id]).await?;
         }
-        sqlx::query("DELETE FROM kb_pages WHERE tenant_id = $1 AND document_id IN (SELECT id FROM kb_documents WHERE collection_id = $2)")
-            .bind(tenant_id)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM jobs WHERE tenant_id = $1 AND target_id IN (SELECT id FROM kb_documents WHERE collection_id = $2)")
-            .bind(tenant_id)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM kb_documents WHERE tenant_id = $1 AND collection_id = $2")
-            .bind(tenant_id)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let n = sqlx::query("DELETE FROM collections WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant_id)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let n = exec(
+            &mut tx,
+            "DELETE FROM collections WHERE tenant_id = $1 AND id = $2",
+            &[tenant_id, id],
+        )
+        .await?;
         if n == 0 {
             return Err(StorageError::NotFound);
         }
@@ -463,11 +450,7 @@ impl Store {
             "DELETE FROM jobs WHERE tenant_id = $1 AND target_id = $2",
             "DELETE FROM kb_documents WHERE tenant_id = $1 AND id = $2",
         ] {
-            sqlx::query(sql)
-                .bind(tenant_id)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            exec(&mut tx, sql, &[tenant_id, id]).await?;
         }
         append(
             &mut tx,

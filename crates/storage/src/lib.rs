@@ -217,6 +217,29 @@ pub(crate) fn like_escape(s: &str) -> String {
     out
 }
 
+/// Runs a statement whose parameters are all text; returns the rows it touched.
+pub(crate) async fn exec(conn: &mut sqlx::AnyConnection, sql: &str, binds: &[&str]) -> Result<u64> {
+    let mut q = sqlx::query(sql);
+    for b in binds {
+        q = q.bind(*b);
+    }
+    Ok(q.execute(&mut *conn).await?.rows_affected())
+}
+
+/// The `n` of a `SELECT COUNT(*) AS n …` whose parameters are all text.
+pub(crate) async fn count(
+    conn: &mut sqlx::AnyConnection,
+    sql: &str,
+    binds: &[&str],
+) -> Result<i64> {
+    let mut q = sqlx::query(sql);
+    for b in binds {
+        q = q.bind(*b);
+    }
+    let r = q.fetch_one(&mut *conn).await?;
+    get_i64(&r, "n")
+}
+
 pub(crate) fn get_str(row: &AnyRow, col: &str) -> Result<String> {
     Ok(row.try_get::<String, _>(col)?)
 }
