@@ -35,6 +35,9 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// What the chat path hears before the first token of a local model (queue, loading).
+pub use crate::local::Progress;
+
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
@@ -47,7 +50,19 @@ impl Client {
     /// Validates the configuration (base URL, proxy, key characters) and builds the
     /// HTTP client. No network traffic happens here.
     pub fn new(cfg: ProviderConfig) -> Result<Client, LlmError> {
-        let base = parse_base_url(&cfg.base_url)?;
+        let base = if cfg.kind.is_local() {
+            if cfg.base_url.trim().is_empty() {
+                return Err(LlmError::new(
+                    ErrorKind::ModelFile,
+                    "ローカルモデルのファイルのパスが設定されていません",
+                ));
+            }
+            // Unused for a local model; the path stays in the configuration.
+            reqwest::Url::parse("http://localhost/")
+                .map_err(|e| LlmError::new(ErrorKind::Config, e.to_string()))?
+        } else {
+            parse_base_url(&cfg.base_url)?
+        };
         let headers = auth_headers(&cfg)?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
@@ -118,6 +133,20 @@ impl Client {
         req: &ChatRequest,
         tx: mpsc::Sender<String>,
     ) -> Result<StreamEnd, LlmError> {
+        self.stream_with_progress(req, tx, None).await
+    }
+
+    /// [`Client::stream`], also reporting a local model's queue position and loading on
+    /// `progress` (cloud providers report nothing there).
+    pub async fn stream_with_progress(
+        &self,
+        req: &ChatRequest,
+        tx: mpsc::Sender<String>,
+        progress: Option<mpsc::Sender<Progress>>,
+    ) -> Result<StreamEnd, LlmError> {
+        if self.cfg.kind.is_local() {
+            return crate::local::stream(&self.cfg.base_url, req, tx, progress).await;
+        }
         let (url, body) = self.prepare(req)?;
         tracing::debug!(provider = %self.cfg.kind, model = %req.model, "LLM request");
         let mut retries = 0u32;
@@ -161,6 +190,9 @@ impl Client {
     /// A minimal request ("ping", at most 8 tokens) for the admin "test connection"
     /// button. Succeeds when the provider streams a properly ended answer.
     pub async fn test_connection(&self, model: &str) -> Result<(), LlmError> {
+        if self.cfg.kind.is_local() {
+            return crate::local::test(&self.cfg.base_url).await;
+        }
         let req = ChatRequest {
             model: model.to_string(),
             system: None,
@@ -182,6 +214,9 @@ impl Client {
             ),
             ProviderKind::Anthropic => (anthropic::url(&self.base)?, anthropic::body(req)),
             ProviderKind::Gemini => (gemini::url(&self.base, &req.model)?, gemini::body(req)),
+            ProviderKind::Local => {
+                return Err(LlmError::new(ErrorKind::Config, "a local model has no URL"))
+            }
         })
     }
 
@@ -344,6 +379,7 @@ fn auth_headers(cfg: &ProviderConfig) -> Result<HeaderMap, LlmError> {
         ProviderKind::AzureOpenAi => (HeaderName::from_static("api-key"), key.to_string()),
         ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),
         ProviderKind::Gemini => (HeaderName::from_static("x-goog-api-key"), key.to_string()),
+        ProviderKind::Local => return Ok(headers),
     };
     let mut value = HeaderValue::from_str(&value).map_err(|_| {
         LlmError::new(

@@ -18,14 +18,18 @@ pub enum ProviderKind {
     Anthropic,
     #[serde(rename = "gemini")]
     Gemini,
+    /// A GGUF file run by yakuba itself; `base_url` holds the file's path.
+    #[serde(rename = "local")]
+    Local,
 }
 
 impl ProviderKind {
-    pub const ALL: [ProviderKind; 4] = [
+    pub const ALL: [ProviderKind; 5] = [
         ProviderKind::OpenAi,
         ProviderKind::AzureOpenAi,
         ProviderKind::Anthropic,
         ProviderKind::Gemini,
+        ProviderKind::Local,
     ];
 
     /// The stored form, identical to the serde name.
@@ -35,6 +39,7 @@ impl ProviderKind {
             ProviderKind::AzureOpenAi => "azure_openai",
             ProviderKind::Anthropic => "anthropic",
             ProviderKind::Gemini => "gemini",
+            ProviderKind::Local => "local",
         }
     }
 
@@ -49,7 +54,13 @@ impl ProviderKind {
             ProviderKind::AzureOpenAi => "Azure OpenAI",
             ProviderKind::Anthropic => "Anthropic",
             ProviderKind::Gemini => "Google Gemini",
+            ProviderKind::Local => "ローカルモデル（GGUF）",
         }
+    }
+
+    /// Runs inside yakuba: data never leaves the server.
+    pub fn is_local(self) -> bool {
+        self == ProviderKind::Local
     }
 }
 

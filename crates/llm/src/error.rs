@@ -37,10 +37,15 @@ pub enum ErrorKind {
     Cancelled,
     /// The provider configuration is unusable (bad base URL, proxy or API key characters).
     Config,
+    /// The local model's file is missing, not a GGUF, truncated, or of an unsupported
+    /// architecture.
+    ModelFile,
+    /// The prompt does not fit in the model's context.
+    ContextLength,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::Connect,
         ErrorKind::Timeout,
         ErrorKind::FirstTokenTimeout,
@@ -53,6 +58,8 @@ impl ErrorKind {
         ErrorKind::BadResponse,
         ErrorKind::Cancelled,
         ErrorKind::Config,
+        ErrorKind::ModelFile,
+        ErrorKind::ContextLength,
     ];
 
     /// Stable snake_case code, safe to store in the database and send to the browser.
@@ -70,6 +77,8 @@ impl ErrorKind {
             ErrorKind::BadResponse => "bad_response",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Config => "config",
+            ErrorKind::ModelFile => "model_file",
+            ErrorKind::ContextLength => "context_length",
         }
     }
 }
@@ -144,6 +153,8 @@ impl LlmError {
             ErrorKind::BadResponse => "AIサービスからの応答を正しく受け取れませんでした。再度お試しください。",
             ErrorKind::Cancelled => "回答の生成を中止しました。",
             ErrorKind::Config => "AIサービスの接続設定に誤りがあります。管理者に接続先URLやプロキシの設定を確認するよう依頼してください。",
+            ErrorKind::ModelFile => "ローカルモデルのファイルを読み込めませんでした。管理者にモデルファイルの設定を確認するよう依頼してください。",
+            ErrorKind::ContextLength => "入力がこのモデルで扱える長さを超えています。内容を短くするか、新しい会話で再度お試しください。",
         };
         m.to_string()
     }
@@ -161,9 +172,12 @@ impl LlmError {
             | ErrorKind::Upstream
             | ErrorKind::BadResponse
             | ErrorKind::Cancelled => true,
-            ErrorKind::Auth | ErrorKind::NotFound | ErrorKind::BadRequest | ErrorKind::Config => {
-                false
-            }
+            ErrorKind::Auth
+            | ErrorKind::NotFound
+            | ErrorKind::BadRequest
+            | ErrorKind::Config
+            | ErrorKind::ModelFile
+            | ErrorKind::ContextLength => false,
         }
     }
 

@@ -8,12 +8,13 @@ mod client;
 mod config;
 mod error;
 mod gemini;
+pub mod local;
 mod openai;
 mod sse;
 mod types;
 mod wire;
 
-pub use client::Client;
+pub use client::{Client, Progress};
 pub use config::{ProviderConfig, ProviderKind, DEFAULT_AZURE_API_VERSION};
 pub use error::{ErrorKind, LlmError};
 pub use types::{ChatMessage, ChatRequest, Role, StreamEnd, ANTHROPIC_DEFAULT_MAX_TOKENS};

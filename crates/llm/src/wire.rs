@@ -26,7 +26,8 @@ pub(crate) enum Decoder {
 impl Decoder {
     pub(crate) fn new(kind: ProviderKind) -> Decoder {
         match kind {
-            ProviderKind::OpenAi | ProviderKind::AzureOpenAi => {
+            // A local model never reaches the HTTP path; OpenAI's decoder is harmless.
+            ProviderKind::OpenAi | ProviderKind::AzureOpenAi | ProviderKind::Local => {
                 Decoder::OpenAi(openai::Decoder::default())
             }
             ProviderKind::Anthropic => Decoder::Anthropic(anthropic::Decoder::default()),

@@ -82,7 +82,15 @@ pub fn client_for(state: &Shared, p: &Provider) -> Result<llm::Client, llm::LlmE
         }
     }
     let kind = llm::ProviderKind::parse(&p.kind).unwrap_or(llm::ProviderKind::OpenAi);
-    let mut cfg = llm::ProviderConfig::new(kind, p.base_url.clone(), p.api_key.clone());
+    let base_url = if kind.is_local() {
+        // A file name in the operator's models folder; nothing else on the server.
+        crate::local_models::resolve(&state.config, &p.base_url)
+            .map(|path| path.display().to_string())
+            .unwrap_or_default()
+    } else {
+        p.base_url.clone()
+    };
+    let mut cfg = llm::ProviderConfig::new(kind, base_url, p.api_key.clone());
     cfg.api_version = p.api_version.clone();
     cfg.block_internal = !state.config.llm.allow_internal_provider_urls;
     cfg.proxy = p

@@ -48,6 +48,7 @@ pub struct Config {
     pub llm: LlmConfig,
     pub smtp: SmtpConfig,
     pub knowledge: KnowledgeConfig,
+    pub local_model: LocalModelConfig,
 }
 
 /// Documents for the knowledge base (M8).
@@ -113,6 +114,34 @@ pub struct LlmConfig {
     pub egress_proxy: Option<String>,
 }
 
+/// The local engine: GGUF files run by yakuba itself (closed networks, 機密性3).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalModelConfig {
+    /// The folder of GGUF files tenant admins may choose from (empty: `<data_dir>/models`).
+    /// Admins pick a file by name; no other path on the server can be named.
+    pub dir: Option<PathBuf>,
+    /// The model offered at first start when a tenant has no AI service at all (empty:
+    /// the first `.gguf` file in `dir`, by name).
+    pub model_path: Option<PathBuf>,
+    /// Answers generated at the same time; the rest wait in a queue (each answer uses
+    /// every CPU core, so more rarely helps on a CPU).
+    pub max_concurrent: usize,
+    /// Upper bound on prompt plus answer tokens (memory per answer).
+    pub max_context: usize,
+}
+
+impl Default for LocalModelConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            model_path: None,
+            max_concurrent: 1,
+            max_context: 8192,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecurityConfig {
@@ -153,6 +182,7 @@ impl Default for Config {
             llm: LlmConfig::default(),
             smtp: SmtpConfig::default(),
             knowledge: KnowledgeConfig::default(),
+            local_model: LocalModelConfig::default(),
         }
     }
 }
@@ -279,6 +309,12 @@ impl Config {
                 "smtp.from に送信元のメールアドレスを指定してください".into(),
             ));
         }
+        let lm = &self.local_model;
+        if !(1..=64).contains(&lm.max_concurrent) || !(256..=1_048_576).contains(&lm.max_context) {
+            return Err(ConfigError::Invalid(
+                "local_model.max_concurrent は 1〜64、max_context は 256〜1048576 で指定してください".into(),
+            ));
+        }
         let s = &self.security;
         if !(8..=1024 * 1024).contains(&s.password_hash_memory_kib)
             || !(1..=10).contains(&s.password_hash_iterations)
@@ -288,6 +324,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The folder of GGUF files for local models.
+    pub fn models_dir(&self) -> PathBuf {
+        self.local_model
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("models"))
     }
 
     /// The database URL to connect to.

@@ -18,6 +18,7 @@ pub mod error;
 pub mod form;
 pub mod knowledge;
 pub mod knowledge_web;
+pub mod local_models;
 pub mod logs_web;
 pub mod markdown;
 pub mod models_admin;
@@ -118,6 +119,10 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
     .await
     .map_err(|e| StartError::Other(e.to_string()))?
     .map_err(|e| StartError::Other(e.to_string()))?;
+    llm::local::configure(llm::local::Settings {
+        max_concurrent: config.local_model.max_concurrent,
+        max_context: config.local_model.max_context,
+    });
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -182,6 +187,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    local_models::offer_first_run(&state, &state.default_tenant_id.clone()).await;
     let worker = knowledge::spawn_worker(state.clone());
     let app = app::router(state);
     // Without TCP_NODELAY the first small delta after the response headers waits for the

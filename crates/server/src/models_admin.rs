@@ -97,14 +97,32 @@ fn check_provider(state: &Shared, f: &ProviderForm, creating: bool) -> AppResult
     if kind.is_none() {
         errs.push(fe("kind", "種類を選んでください。".into()));
     }
-    let base_url =
+    let local = kind.is_some_and(llm::ProviderKind::is_local);
+    let base_url = if local {
+        // A file of the operator's models folder, by name: no other server path.
+        let name = f.base_url.trim();
+        match crate::local_models::resolve(&state.config, name) {
+            Some(path) if path.is_file() => Some(name.to_string()),
+            _ => {
+                errs.push(fe(
+                    "base_url",
+                    format!(
+                        "モデルファイルは、モデル用フォルダ（{}）にある .gguf ファイルの名前で指定してください。",
+                        state.config.models_dir().display()
+                    ),
+                ));
+                None
+            }
+        }
+    } else {
         validate::provider_url(&f.base_url, state.config.llm.allow_internal_provider_urls)
             .map_err(|e| errs.push(fe("base_url", e)))
-            .ok();
+            .ok()
+    };
     let api_key = validate::optional_line("APIキー", &f.api_key, 500)
         .map_err(|e| errs.push(fe("api_key", e)))
         .ok();
-    if creating && api_key.as_deref().is_some_and(str::is_empty) {
+    if creating && !local && api_key.as_deref().is_some_and(str::is_empty) {
         errs.push(fe(
             "api_key",
             "APIキーを入力してください（閉域網内のサーバーで不要な場合は任意の文字列）。".into(),
@@ -244,6 +262,20 @@ fn check_model(f: &ModelForm) -> AppResult<ModelInput> {
     }
 }
 
+/// [`check_model`], with the class default of the provider: a model run on this server
+/// may receive up to 機密性3 unless the admin chose otherwise; cloud models up to 2.
+async fn check_model_for(state: &Shared, tenant: &str, f: &ModelForm) -> AppResult<ModelInput> {
+    let mut input = check_model(f)?;
+    if f.max_class.trim().is_empty() {
+        if let Ok(p) = state.store.provider(tenant, &input.provider_id).await {
+            if llm::ProviderKind::parse(&p.kind).is_some_and(llm::ProviderKind::is_local) {
+                input.max_class = 3;
+            }
+        }
+    }
+    Ok(input)
+}
+
 /// Tries the provider with a tiny request; the answer in plain Japanese.
 async fn test_provider(state: &Shared, p: &Provider, model: &str) -> (bool, String) {
     let client = match crate::chat::client_for(state, p) {
@@ -286,6 +318,9 @@ struct ModelsPage {
     models: Vec<ModelRow>,
     departments: Vec<(String, String)>,
     kinds: Vec<(&'static str, &'static str)>,
+    /// GGUF files of the models folder that can be run here.
+    local_files: Vec<LocalRow>,
+    models_dir: String,
     notice: String,
     test_ok: bool,
     errors: Vec<FieldError>,
@@ -293,6 +328,14 @@ struct ModelsPage {
     mf: ModelForm,
     /// (time in JST, where, code, the provider's error) of recent failures (S9).
     failures: Vec<(String, String, String, String)>,
+}
+
+pub struct LocalRow {
+    pub name: String,
+    pub summary: String,
+    /// Pre-trained only: labelled as a demo that does not follow instructions.
+    pub base: bool,
+    pub usable: bool,
 }
 
 /// What the page shows besides the lists: a notice, errors, and the forms as typed.
@@ -376,15 +419,22 @@ async fn models_page(
                 .iter()
                 .map(|d| (d.id.clone(), d.path.clone()))
                 .collect(),
-            kinds: [
-                llm::ProviderKind::OpenAi,
-                llm::ProviderKind::AzureOpenAi,
-                llm::ProviderKind::Anthropic,
-                llm::ProviderKind::Gemini,
-            ]
-            .iter()
-            .map(|k| (k.as_str(), k.label()))
-            .collect(),
+            kinds: kinds(),
+            local_files: {
+                let config = state.config.clone();
+                tokio::task::spawn_blocking(move || crate::local_models::list_files(&config))
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|f| LocalRow {
+                        summary: f.summary(),
+                        base: f.base_model(),
+                        usable: f.info.is_ok(),
+                        name: f.name,
+                    })
+                    .collect()
+            },
+            models_dir: state.config.models_dir().display().to_string(),
             notice,
             test_ok,
             errors,
@@ -427,6 +477,7 @@ async fn page(
     let notice = match q.notice.as_str() {
         "provider" => "接続先を保存しました。",
         "model" => "モデルを保存しました。",
+        "local" => "ローカルモデルを登録しました。職員のチャットで選べます（機密性3まで）。",
         _ => "",
     };
     models_page(
@@ -488,6 +539,93 @@ async fn provider_create(
         }
         Err(e) => Err(e),
     }
+}
+
+#[derive(Deserialize, Default)]
+struct LocalForm {
+    #[serde(default)]
+    file: String,
+}
+
+/// One step from a GGUF file in the models folder to a model staff can choose: the local
+/// provider for that file (reused when it exists) and a model that may receive up to
+/// 機密性3, the default when the tenant has no default yet.
+async fn local_add(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+    Form(f): Form<LocalForm>,
+) -> AppResult<Response> {
+    let tenant = a.ctx.tenant.id.clone();
+    let config = state.config.clone();
+    let files = tokio::task::spawn_blocking(move || crate::local_models::list_files(&config))
+        .await
+        .unwrap_or_default();
+    let Some(file) = files.into_iter().find(|x| x.name == f.file) else {
+        return Err(AppError::Validation(vec![fe(
+            "file",
+            "モデル用フォルダにそのファイルはありません。".into(),
+        )]));
+    };
+    let info = file
+        .info
+        .clone()
+        .map_err(|e| AppError::Validation(vec![fe("file", e)]))?;
+    let providers = state.store.list_providers(&tenant).await?;
+    let provider = match providers
+        .into_iter()
+        .find(|p| p.kind == llm::ProviderKind::Local.as_str() && p.base_url == file.name)
+    {
+        Some(p) => p,
+        None => {
+            let input = ProviderInput {
+                name: format!("ローカル: {}", file.name),
+                kind: llm::ProviderKind::Local.as_str().into(),
+                base_url: file.name.clone(),
+                api_key: String::new(),
+                api_version: None,
+                proxy: None,
+                region: "このサーバー内（外部に送信しません）".into(),
+                no_training: true,
+                enabled: true,
+            };
+            state
+                .store
+                .save_provider(&tenant, None, &input, a.ctx.now, a.audit())
+                .await
+                .map_err(|e| match AppError::from(e) {
+                    AppError::Conflict(m) => AppError::Validation(vec![fe("file", m)]),
+                    other => other,
+                })?
+        }
+    };
+    let has_default = state
+        .store
+        .list_models(&tenant)
+        .await?
+        .iter()
+        .any(|m| m.is_default && m.enabled);
+    let name = info.name.clone().unwrap_or_else(|| file.name.clone());
+    let display_name = if info.instruction_tuned() {
+        format!("{name}（ローカル）")
+    } else {
+        format!("{name}（デモ用・事前学習のみ：指示に従いません）")
+    };
+    let input = ModelInput {
+        provider_id: provider.id,
+        model: file.name.clone(),
+        display_name,
+        enabled: true,
+        is_default: !has_default,
+        all_departments: true,
+        department_ids: Vec::new(),
+        max_class: 3,
+    };
+    state
+        .store
+        .save_model(&tenant, None, &input, a.ctx.now, a.audit())
+        .await
+        .map_err(model_error)?;
+    Ok(Redirect::to("/admin/models?notice=local").into_response())
 }
 
 #[derive(Deserialize)]
@@ -704,7 +842,7 @@ async fn model_update(
         return Err(AppError::NotFound);
     }
     state.store.model(&a.ctx.tenant.id, &id).await?;
-    let saved = match check_model(&f) {
+    let saved = match check_model_for(&state, &a.ctx.tenant.id, &f).await {
         Ok(input) => state
             .store
             .save_model(&a.ctx.tenant.id, Some(&id), &input, a.ctx.now, a.audit())
@@ -807,7 +945,7 @@ async fn model_create(
     TenantAdmin(a): TenantAdmin,
     Form(f): Form<ModelForm>,
 ) -> AppResult<Response> {
-    let saved = match check_model(&f) {
+    let saved = match check_model_for(&state, &a.ctx.tenant.id, &f).await {
         Ok(input) => state
             .store
             .save_model(&a.ctx.tenant.id, None, &input, a.ctx.now, a.audit())
@@ -1069,7 +1207,7 @@ async fn api_model_create(
     TenantAdmin(a): TenantAdmin,
     JsonBody(b): JsonBody<ModelBody>,
 ) -> AppResult<(StatusCode, Json<Value>)> {
-    let input = check_model(&b.form())?;
+    let input = check_model_for(&state, &a.ctx.tenant.id, &b.form()).await?;
     let m = state
         .store
         .save_model(&a.ctx.tenant.id, None, &input, a.ctx.now, a.audit())
@@ -1088,7 +1226,7 @@ async fn api_model_update(
         return Err(AppError::NotFound);
     }
     state.store.model(&a.ctx.tenant.id, &id).await?;
-    let input = check_model(&b.form())?;
+    let input = check_model_for(&state, &a.ctx.tenant.id, &b.form()).await?;
     let m = state
         .store
         .save_model(&a.ctx.tenant.id, Some(&id), &input, a.ctx.now, a.audit())
@@ -1114,6 +1252,7 @@ pub fn routes() -> Router<Shared> {
             "/admin/models/models/{id}",
             get(model_edit).post(model_update),
         )
+        .route("/admin/models/local", post(local_add))
         .route("/admin/models/models", post(model_create))
         .route("/admin/models/models/{id}/flags", post(model_toggle))
         .route(
