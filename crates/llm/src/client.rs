@@ -145,6 +145,17 @@ impl Client {
         progress: Option<mpsc::Sender<Progress>>,
     ) -> Result<StreamEnd, LlmError> {
         if self.cfg.kind.is_local() {
+            let capped;
+            let req = match (req.max_tokens, self.cfg.default_max_tokens) {
+                (None, Some(m)) => {
+                    capped = ChatRequest {
+                        max_tokens: Some(m),
+                        ..req.clone()
+                    };
+                    &capped
+                }
+                _ => req,
+            };
             return crate::local::stream(&self.cfg.base_url, req, tx, progress).await;
         }
         let (url, body) = self.prepare(req)?;

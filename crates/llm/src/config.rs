@@ -100,6 +100,9 @@ pub struct ProviderConfig {
     /// DNS rebinding — is caught too). Not applied through an egress proxy, which resolves
     /// names itself and is the place that decides.
     pub block_internal: bool,
+    /// The longest answer in tokens when a request sets no limit (local models: a base
+    /// model would otherwise write until the context is full).
+    pub default_max_tokens: Option<u32>,
 }
 
 impl ProviderConfig {
@@ -119,6 +122,7 @@ impl ProviderConfig {
             idle_timeout: Duration::from_secs(60),
             max_retries: 2,
             block_internal: false,
+            default_max_tokens: None,
         }
     }
 

@@ -92,8 +92,23 @@
     var p = {};
     try { p = JSON.parse(data); } catch (e) { return; }
     if (name === 'delta') {
+      if (state.status) { state.status.remove(); state.status = null; }
       state.body.textContent += p.text;
+    } else if (name === 'status') {
+      // A local model's queue position or loading, until the first text.
+      if (!p.text) {
+        if (state.status) { state.status.remove(); state.status = null; }
+      } else {
+        if (!state.status) {
+          state.status = document.createElement('p');
+          state.status.className = 'msg-status hint';
+          state.status.setAttribute('role', 'status');
+          state.body.parentNode.insertBefore(state.status, state.body);
+        }
+        state.status.textContent = p.text;
+      }
     } else if (name === 'error') {
+      if (state.status) { state.status.remove(); state.status = null; }
       state.error = p.message + (p.retryable ? '（もう一度送信できます）' : '');
     } else if (name === 'done') {
       state.messageId = p.message_id;
@@ -106,7 +121,7 @@
     showError('');
     if (asked !== null) bubble('user', asked);
     var art = bubble('assistant', '');
-    var state = { body: art.querySelector('.msg-body'), error: '', messageId: null };
+    var state = { body: art.querySelector('.msg-body'), error: '', messageId: null, status: null };
     controller = new AbortController();
     setBusy(true);
     try {

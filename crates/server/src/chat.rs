@@ -93,6 +93,9 @@ pub fn client_for(state: &Shared, p: &Provider) -> Result<llm::Client, llm::LlmE
     let mut cfg = llm::ProviderConfig::new(kind, base_url, p.api_key.clone());
     cfg.api_version = p.api_version.clone();
     cfg.block_internal = !state.config.llm.allow_internal_provider_urls;
+    if kind.is_local() {
+        cfg.default_max_tokens = Some(state.config.local_model.max_answer_tokens);
+    }
     cfg.proxy = p
         .proxy
         .clone()
@@ -233,6 +236,10 @@ async fn read_attachment(att: &AttachmentInput, max_chars: usize) -> AppResult<(
 #[serde(untagged)]
 enum Payload {
     Delta {
+        text: String,
+    },
+    /// Before the first text of a local model: its place in the queue, or loading.
+    Status {
         text: String,
     },
     Usage {
@@ -638,10 +645,27 @@ impl Answer {
             Err(e) => Err(e),
             Ok(client) => {
                 let (tx, mut rx) = mpsc::channel::<String>(64);
+                let (ptx, mut prx) = mpsc::channel::<llm::Progress>(8);
                 let req = self.req;
-                let upstream = tokio::spawn(async move { client.stream(&req, tx).await });
+                let upstream =
+                    tokio::spawn(
+                        async move { client.stream_with_progress(&req, tx, Some(ptx)).await },
+                    );
                 loop {
                     tokio::select! {
+                        Some(p) = prx.recv() => {
+                            let text = match p {
+                                llm::Progress::Queued { position } => format!(
+                                    "順番待ちです（{position}番目）。前の回答が終わりしだい始まります。"
+                                ),
+                                llm::Progress::Loading => "AIモデルを読み込んでいます。しばらくお待ちください。".into(),
+                                llm::Progress::Started => String::new(),
+                            };
+                            if sse.send(event("status", &Payload::Status { text })).await.is_err() {
+                                cancelled = true;
+                                break;
+                            }
+                        }
                         d = rx.recv() => match d {
                             Some(text) => {
                                 if ttft.is_none() {

@@ -129,6 +129,8 @@ pub struct LocalModelConfig {
     pub max_concurrent: usize,
     /// Upper bound on prompt plus answer tokens (memory per answer).
     pub max_context: usize,
+    /// The longest answer in tokens (an instruction-tuned model usually stops sooner).
+    pub max_answer_tokens: u32,
 }
 
 impl Default for LocalModelConfig {
@@ -138,6 +140,7 @@ impl Default for LocalModelConfig {
             model_path: None,
             max_concurrent: 1,
             max_context: 8192,
+            max_answer_tokens: 2048,
         }
     }
 }
@@ -310,9 +313,12 @@ impl Config {
             ));
         }
         let lm = &self.local_model;
-        if !(1..=64).contains(&lm.max_concurrent) || !(256..=1_048_576).contains(&lm.max_context) {
+        if !(1..=64).contains(&lm.max_concurrent)
+            || !(256..=1_048_576).contains(&lm.max_context)
+            || !(1..=1_048_576).contains(&lm.max_answer_tokens)
+        {
             return Err(ConfigError::Invalid(
-                "local_model.max_concurrent は 1〜64、max_context は 256〜1048576 で指定してください".into(),
+                "local_model.max_concurrent は 1〜64、max_context は 256〜1048576、max_answer_tokens は 1〜1048576 で指定してください".into(),
             ));
         }
         let s = &self.security;

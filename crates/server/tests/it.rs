@@ -5231,3 +5231,153 @@ async fn rag_templates_preselect_knowledge_for_the_chat() {
     }
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- local model
+
+/// The repository's demo model folder, or `None` (the test says it skipped).
+fn demo_models_dir() -> Option<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    if dir.join("gemma-3-270m-q4_k_m.gguf").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: no demo model in {} (scripts/fetch-demo-model installs it)",
+            dir.display()
+        );
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_offers_the_local_model_and_streams_from_it() {
+    let Some(models) = demo_models_dir() else {
+        return;
+    };
+    let s = TestServer::start_with(|c| {
+        c.local_model.dir = Some(models.clone());
+        c.local_model.max_answer_tokens = 12;
+    })
+    .await;
+    let a = admin(&s).await;
+
+    // First start without any AI service: the demo model was offered, honestly labelled,
+    // as the default, allowed up to 機密性3 since nothing leaves the server.
+    let (_, list) = a.get_json("/api/v1/admin/models").await;
+    let m = &list["models"].as_array().unwrap()[0];
+    assert!(
+        m["display_name"]
+            .as_str()
+            .unwrap()
+            .contains("事前学習のみ：指示に従いません"),
+        "{m}"
+    );
+    assert_eq!(m["is_default"], true);
+    assert_eq!(m["max_class"], 3);
+    let model_id = m["id"].as_str().unwrap().to_string();
+    let (_, page) = a.get_text("/admin/models").await;
+    assert!(
+        page.contains("gemma-3-270m-q4_k_m.gguf"),
+        "the admin sees the file"
+    );
+    assert!(page.contains("事前学習のみのデモ用モデルです"));
+    assert!(
+        !page.contains("first-setup"),
+        "a model is there, so no first-setup guide"
+    );
+
+    // Staff get a streamed answer produced by yakuba's own engine.
+    let (staff, _) = s
+        .signed_in("staff01", "総務部/情報政策課", Role::User)
+        .await;
+    let conv = new_conversation(&staff).await;
+    let events = sse_events(
+        send(
+            &staff,
+            &conv,
+            &model_id,
+            "市役所で住民票の写しを取るには何が必要ですか？",
+        )
+        .await,
+    )
+    .await;
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "delta")
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        events.iter().filter(|(n, _)| n == "delta").count() > 1,
+        "{events:?}"
+    );
+    let usage = events.iter().find(|(n, _)| n == "usage").unwrap();
+    assert_eq!(usage.1["output_tokens"], 12, "{usage:?}");
+    assert_eq!(usage.1["input_tokens"], 24);
+    let done = events.iter().find(|(n, _)| n == "done").unwrap();
+    assert_eq!(done.1["status"], "complete");
+    // The same words llama.cpp gives for this prompt (crates/llm/tests/local_demo.rs).
+    assert!(
+        text.starts_with("市役所で住民票の写しを取るには"),
+        "{text:?}"
+    );
+
+    // Two at once with one slot: the second hears its place in the queue.
+    let conv2 = new_conversation(&staff).await;
+    let (r1, r2) = tokio::join!(
+        send(&staff, &conv, &model_id, "一つ目の質問です。"),
+        send(&staff, &conv2, &model_id, "二つ目の質問です。")
+    );
+    let (e1, e2) = tokio::join!(sse_events(r1), sse_events(r2));
+    let queued = e1.iter().chain(e2.iter()).any(|(n, d)| {
+        n == "status"
+            && d["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("順番待ちです（1番目）")
+    });
+    assert!(queued, "{e1:?} {e2:?}");
+    for e in [&e1, &e2] {
+        assert_eq!(
+            e.iter().find(|(n, _)| n == "done").unwrap().1["status"],
+            "complete"
+        );
+    }
+
+    // Only files of the models folder can be named, by name.
+    let r = a
+        .post_form("/admin/models/local", &[("file", "../../etc/passwd")])
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    for bad in [
+        "/etc/passwd",
+        "../models/gemma-3-270m-q4_k_m.gguf",
+        "missing.gguf",
+    ] {
+        let (st, body) = a
+            .post_json("/api/v1/admin/providers", &json!({"name": format!("local {bad}"), "kind": "local", "base_url": bad, "region": "庁内"}))
+            .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        assert!(
+            body.to_string()
+                .contains(".gguf ファイルの名前で指定してください"),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_any_model_chat_says_so_and_admins_are_guided() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let (_, page) = a.get_text("/admin/models").await;
+    assert!(page.contains("最初の設定：AIモデルを用意する"), "{page}");
+    assert!(page.contains("GGUF ファイルはまだありません"));
+    let (_, chat) = a.get_text("/chat").await;
+    assert!(chat.contains("利用できるAIモデルがありません"));
+    assert!(chat.contains("no-model-admin"));
+    let (staff, _) = s
+        .signed_in("staff01", "総務部/情報政策課", Role::User)
+        .await;
+    let (_, chat) = staff.get_text("/chat").await;
+    assert!(chat.contains("回答は生成されません"));
+    assert!(!chat.contains("no-model-admin"));
+}
