@@ -9,7 +9,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod hub;
 mod smtp;
+pub use hub::FakeHub;
 pub use smtp::{ReceivedMail, SmtpSink};
 
 use std::collections::{BTreeMap, VecDeque};

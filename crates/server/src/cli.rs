@@ -72,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         command: KnowledgeCommand,
     },
+    /// ローカルモデル（GGUF）
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// バックアップから復元する（サービスを停止してから実行）
     Restore {
         /// バックアップのディレクトリ
@@ -80,6 +85,31 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCommand {
+    /// Hugging Face 互換のハブから GGUF ファイルをモデル用フォルダにダウンロードする（続きから再開、チェックサム確認）
+    Pull {
+        /// リポジトリ（例: Qwen/Qwen2.5-7B-Instruct-GGUF）
+        repo: String,
+        /// ファイル名（例: qwen2.5-7b-instruct-q4_k_m.gguf）
+        file: String,
+        /// リビジョン（ブランチ名またはコミット）
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// ハブのURL
+        #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+        endpoint: String,
+        /// アクセストークン（利用条件への同意が必要なモデル）
+        #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// 期待する SHA-256（省略時はハブが示す値で確認）
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// モデル用フォルダの GGUF ファイルと、その内容を表示する
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +266,97 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 done.bytes,
                 done.schema_version
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model {
+            command:
+                ModelCommand::Pull {
+                    repo,
+                    file,
+                    revision,
+                    endpoint,
+                    token,
+                    sha256,
+                },
+        } => {
+            let dir = config.models_dir();
+            let pull = crate::model_pull::Pull {
+                endpoint: &endpoint,
+                repo: &repo,
+                file: &file,
+                revision: &revision,
+                token: token.as_deref(),
+                sha256: sha256.as_deref(),
+                proxy: config.llm.egress_proxy.as_deref(),
+                dest_dir: &dir,
+            };
+            let mut last = 0u64;
+            let done = crate::model_pull::pull(&pull, |got, total| {
+                if got >= last + 50_000_000 || Some(got) == total {
+                    last = got;
+                    match total {
+                        Some(t) if t > 0 => eprintln!(
+                            "  {} / {} MB（{}%）",
+                            got / 1_000_000,
+                            t / 1_000_000,
+                            got * 100 / t
+                        ),
+                        _ => eprintln!("  {} MB", got / 1_000_000),
+                    }
+                }
+            })
+            .await?;
+            if done.resumed_from > 0 {
+                println!(
+                    "前回の続き（{} バイト目）から再開しました。",
+                    done.resumed_from
+                );
+            }
+            println!(
+                "ダウンロードしました: {}（{} バイト、SHA-256 {}{}）",
+                done.path.display(),
+                done.bytes,
+                done.sha256,
+                if done.verified_against.is_some() {
+                    "、確認済み"
+                } else {
+                    "、照合する値なし"
+                }
+            );
+            println!(
+                "モデル: {}（{}、コンテキスト {}）{}",
+                done.info.name.as_deref().unwrap_or("-"),
+                done.info.architecture,
+                done.info.context_length,
+                if done.info.instruction_tuned() {
+                    ""
+                } else {
+                    "。チャットテンプレートがないため、事前学習のみのモデルと思われます"
+                }
+            );
+            println!("管理 → AIモデル の「ローカルモデル」から選べます。");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model {
+            command: ModelCommand::List,
+        } => {
+            let files = crate::local_models::list_files(&config);
+            println!("モデル用フォルダ: {}", config.models_dir().display());
+            if files.is_empty() {
+                println!("GGUF ファイルはありません。");
+            }
+            for f in files {
+                println!(
+                    "{}\t{}{}",
+                    f.name,
+                    f.summary(),
+                    if f.base_model() {
+                        "（事前学習のみ）"
+                    } else {
+                        ""
+                    }
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Knowledge {

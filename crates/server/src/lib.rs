@@ -21,6 +21,7 @@ pub mod knowledge_web;
 pub mod local_models;
 pub mod logs_web;
 pub mod markdown;
+pub mod model_pull;
 pub mod models_admin;
 pub mod openapi;
 pub mod ops;

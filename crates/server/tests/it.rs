@@ -5381,3 +5381,136 @@ async fn without_any_model_chat_says_so_and_admins_are_guided() {
     assert!(chat.contains("回答は生成されません"));
     assert!(!chat.contains("no-model-admin"));
 }
+
+/// `yakuba model pull` against a fake hub on loopback (no hub is reachable here).
+async fn pull(data: &std::path::Path, hub: &str, args: &[&str]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_yakuba"));
+    cmd.arg("--data-dir")
+        .arg(data)
+        .args(["model", "pull"])
+        .args(args);
+    cmd.env("HF_ENDPOINT", hub).env_remove("HF_TOKEN");
+    // The fake hub keeps serving on the runtime while the command runs.
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_pull_resumes_checks_and_keeps_the_token_at_the_hub() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let models = data.join("models");
+    // A small but real GGUF: the demo model's header with no tensors would not run, so a
+    // file is made here: the demo model when present, else a header-only GGUF the pull
+    // must refuse.
+    let real =
+        demo_models_dir().map(|d| std::fs::read(d.join("gemma-3-270m-q4_k_m.gguf")).unwrap());
+
+    // Not a GGUF at all, with the right checksum: refused after download, nothing left.
+    let junk = b"<html>not a model</html>".repeat(1000);
+    let sha = hex::encode(sha2::Sha256::digest(&junk));
+    let hub = fakes::FakeHub::start("city/junk", "junk.gguf", junk, &sha, None, None).await;
+    let (ok, out) = pull(&data, &hub.url(), &["city/junk", "junk.gguf"]).await;
+    assert!(!ok);
+    assert!(
+        out.contains("取得したファイルは使えません") && out.contains("GGUF 形式"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&models).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+
+    // A checksum that does not match what arrives: refused, file removed.
+    let body = b"GGUF".repeat(1000);
+    let hub =
+        fakes::FakeHub::start("city/bad", "bad.gguf", body, &"0".repeat(64), None, None).await;
+    let (ok, out) = pull(&data, &hub.url(), &["city/bad", "bad.gguf"]).await;
+    assert!(!ok);
+    assert!(out.contains("チェックサムが一致しません"), "{out}");
+    assert_eq!(std::fs::read_dir(&models).unwrap().count(), 0);
+
+    // Bad names never reach the network.
+    for (repo, file) in [
+        ("../etc", "x.gguf"),
+        ("a/b", "../../x.gguf"),
+        ("a/b", "model.bin"),
+    ] {
+        let (ok, out) = pull(&data, &hub.url(), &[repo, file]).await;
+        assert!(!ok, "{repo} {file}: {out}");
+        assert!(
+            out.contains("正しくありません") || out.contains(".gguf ファイルではありません"),
+            "{out}"
+        );
+    }
+
+    let Some(real) = real else { return };
+    // A gated model: without the token the hub refuses; with it, the first download is
+    // cut at 100 MB, the second resumes from there, and the checksum is the hub's.
+    let sha = hex::encode(sha2::Sha256::digest(&real));
+    let hub = fakes::FakeHub::start(
+        "google/gemma-3-270m-GGUF",
+        "gemma-3-270m-q4_k_m.gguf",
+        real.clone(),
+        &sha,
+        Some(100_000_000),
+        Some("hf_secret_token"),
+    )
+    .await;
+    let (ok, out) = pull(
+        &data,
+        &hub.url(),
+        &["google/gemma-3-270m-GGUF", "gemma-3-270m-q4_k_m.gguf"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(out.contains("--token"), "{out}");
+    let args = [
+        "google/gemma-3-270m-GGUF",
+        "gemma-3-270m-q4_k_m.gguf",
+        "--token",
+        "hf_secret_token",
+    ];
+    let (ok, out) = pull(&data, &hub.url(), &args).await;
+    assert!(!ok);
+    assert!(out.contains("続きから再開します"), "{out}");
+    assert!(!out.contains("hf_secret_token"));
+    let partial = models.join("gemma-3-270m-q4_k_m.gguf.partial");
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), 100_000_000);
+    let (ok, out) = pull(&data, &hub.url(), &args).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("前回の続き（100000000 バイト目）から再開しました"),
+        "{out}"
+    );
+    assert!(out.contains("確認済み") && out.contains(&sha), "{out}");
+    assert!(out.contains("事前学習のみ"), "{out}");
+    assert_eq!(
+        hub.ranges(),
+        vec![None, Some("bytes=100000000-".to_string())]
+    );
+    assert!(
+        !hub.token_leaked_to_storage(),
+        "the token stays with the hub"
+    );
+    assert!(!partial.exists());
+    assert_eq!(
+        std::fs::read(models.join("gemma-3-270m-q4_k_m.gguf")).unwrap(),
+        real
+    );
+    // Pulled again: already there, left alone.
+    let (ok, out) = pull(&data, &hub.url(), &args).await;
+    assert!(!ok);
+    assert!(out.contains("既にあります"), "{out}");
+}

@@ -142,7 +142,8 @@ fn read_header(path: &Path) -> Result<(ModelInfo, Content), LlmError> {
     let mut reader = BufReader::new(f);
     let ct = Content::read(&mut reader).map_err(|e| {
         file_error(format!(
-            "{shown} の GGUF ヘッダーが壊れているか途中で切れています: {e}"
+            "{shown} の GGUF ヘッダーが壊れているか途中で切れています: {}",
+            first_line(&e)
         ))
     })?;
     let mut data_end = ct.tensor_data_offset;
@@ -327,6 +328,16 @@ fn build_tokenizer(path: &Path, ct: &Content) -> Result<Tok, LlmError> {
     }
 }
 
+/// candle's errors may carry a backtrace after the message; admins need the message.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn meta_u32(ct: &Content, key: &str) -> Option<u32> {
     let v = ct.metadata.get(key)?;
     v.to_u32()
@@ -396,7 +407,11 @@ fn load_weights(path: &Path, info: &ModelInfo, ct: Content) -> Result<Weights, L
     let mut r = BufReader::new(f);
     let dev = device();
     let bad = |e: candle_core::Error| {
-        file_error(format!("モデル {} を読み込めません: {e}", path.display()))
+        file_error(format!(
+            "モデル {} を読み込めません: {}",
+            path.display(),
+            first_line(&e)
+        ))
     };
     Ok(match info.architecture.as_str() {
         "gemma3" => {
@@ -587,7 +602,7 @@ impl LoadedModel {
         let fail = |e: candle_core::Error| {
             LlmError::new(
                 ErrorKind::Upstream,
-                format!("ローカルモデルの推論に失敗しました: {e}"),
+                format!("ローカルモデルの推論に失敗しました: {}", first_line(&e)),
             )
         };
         let sampling = match temperature {
