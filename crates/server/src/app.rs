@@ -788,6 +788,7 @@ pub fn router(state: Shared) -> Router {
         .merge(api::routes(max_import))
         .merge(chat_web::routes(max_import))
         .merge(models_admin::routes())
+        .merge(crate::eval_web::routes())
         .merge(crate::usage_web::routes())
         .merge(crate::templates_web::routes())
         .merge(crate::logs_web::routes())

@@ -72,6 +72,24 @@ enum Command {
         #[command(subcommand)]
         command: KnowledgeCommand,
     },
+    /// 問題集で AIモデルを評価し、採点モデルの点数で報告を作る（同じ --out で再開）
+    Eval {
+        /// 問題集（JSONL）。省略時は同梱のサンプル問題集
+        #[arg(long)]
+        set: Option<PathBuf>,
+        /// 評価するモデル（管理画面の表示名かID。複数指定で比較）
+        #[arg(long = "model", required = true)]
+        models: Vec<String>,
+        /// 採点に使うモデル（表示名かID）
+        #[arg(long)]
+        judge: String,
+        /// 結果を書き出すディレクトリ（results.jsonl, report.csv, summary.csv）
+        #[arg(long)]
+        out: PathBuf,
+        /// 自治体の識別名（既定: 設定の default_tenant）
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// ローカルモデル（GGUF）
     Model {
         #[command(subcommand)]
@@ -335,6 +353,62 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 }
             );
             println!("管理 → AIモデル の「ローカルモデル」から選べます。");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            set,
+            models,
+            judge,
+            out,
+            tenant,
+        } => {
+            let text = match &set {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|e| format!("問題集 {} を読めません: {e}", p.display()))?,
+                None => crate::eval::SAMPLE_SET.to_string(),
+            };
+            let items = crate::eval::parse_set(&text)
+                .map_err(|errs| format!("問題集に誤りがあります:\n{}", errs.join("\n")))?;
+            let state = crate::build_state(config.clone(), clock.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let t = tenant_of(&state.store, &config, tenant.as_deref()).await?;
+            let candidates = crate::eval_web::targets(&state, &t.id, &models).await?;
+            let judge = crate::eval_web::targets(&state, &t.id, std::slice::from_ref(&judge))
+                .await?
+                .remove(0);
+            let started = std::time::Instant::now();
+            let summary = crate::eval::run(&items, &candidates, &judge, &out, |done, total| {
+                eprintln!("  {done} / {total}");
+            })
+            .await;
+            state.store.close().await;
+            let summary = summary?;
+            for m in &summary.models {
+                println!(
+                    "{}: 平均 {}（{}問中 {}問を採点、エラー {}件、回答時間 {:.1}秒、入力 {}文字・出力 {}文字）",
+                    m.model,
+                    m.mean.map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
+                    m.answered,
+                    m.graded,
+                    m.errors,
+                    m.seconds,
+                    m.input_chars,
+                    m.output_chars
+                );
+                for (cat, (n, mean)) in &m.by_category {
+                    println!(
+                        "  {cat}: {}（{n}問）",
+                        mean.map_or_else(|| "-".to_string(), |x| format!("{x:.2}"))
+                    );
+                }
+            }
+            println!(
+                "報告: {} / {}（{:.1}秒）",
+                summary.report.display(),
+                summary.summary.display(),
+                started.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Model {

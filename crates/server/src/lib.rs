@@ -15,6 +15,8 @@ pub mod config;
 pub mod csvout;
 pub mod disposal_web;
 pub mod error;
+pub mod eval;
+pub mod eval_web;
 pub mod form;
 pub mod knowledge;
 pub mod knowledge_web;

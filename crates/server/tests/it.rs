@@ -5514,3 +5514,251 @@ async fn model_pull_resumes_checks_and_keeps_the_token_at_the_hub() {
     assert!(!ok);
     assert!(out.contains("既にあります"), "{out}");
 }
+
+// ---------------------------------------------------------------- eval
+
+/// `yakuba eval` against the test server's database.
+async fn eval_cli(s: &TestServer, args: Vec<String>) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_yakuba"));
+    cmd.arg("--data-dir")
+        .arg(&s.data_dir)
+        .arg("eval")
+        .args(&args)
+        .env("YAKUBA_DATABASE_URL", s.state.config.database_url())
+        .env("YAKUBA_LLM__ALLOW_INTERNAL_PROVIDER_URLS", "true");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn csv_rows(path: &std::path::Path) -> Vec<Vec<String>> {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(bytes.starts_with("\u{feff}".as_bytes()), "a BOM for Excel");
+    csv::Reader::from_reader(&bytes[3..])
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_compares_two_models_graded_by_a_judge_and_resumes() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let cand_a = fakes::FakeProvider::start(fakes::Flavor::OpenAi).await;
+    cand_a.set_default(fakes::Script::answer(
+        ["本人確認書類を", "お持ちください。"],
+        0,
+    ));
+    let cand_b = fakes::FakeProvider::start(fakes::Flavor::OpenAi).await;
+    cand_b.set_default(fakes::Script::answer(
+        ["=HYPERLINK(\"http://x\")", "わかりません。"],
+        0,
+    ));
+    let judge = fakes::FakeProvider::start(fakes::Flavor::Anthropic).await;
+    add_model(&a, "候補A", "openai", &cand_a.base_url, "model-a", vec![]).await;
+    add_model(&a, "候補B", "openai", &cand_b.base_url, "model-b", vec![]).await;
+    add_model(&a, "採点", "anthropic", &judge.base_url, "judge-1", vec![]).await;
+    for verdict in [
+        r#"{"score": 5, "reason": "正確"}"#,
+        r#"```json
+{"score": 4, "reason": "おおむね正確"}
+```"#,
+        r#"{"score": 2, "reason": "答えていない"}"#,
+        "採点できません",
+        r#"{"score": 3, "reason": "不十分"}"#,
+    ] {
+        judge.push(fakes::Script::answer([verdict], 0));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let set = dir.path().join("set.jsonl");
+    std::fs::write(
+        &set,
+        "{\"id\":\"q1\",\"category\":\"窓口\",\"question\":\"住民票の写しの請求に必要なものは？\",\"reference\":\"本人確認書類\",\"criteria\":\"本人確認書類に触れているか\"}\n\
+         {\"id\":\"q2\",\"category\":\"会話\",\"turns\":[\"こんにちは\",\"続けて、手数料は？\"]}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let args = |out: &std::path::Path| {
+        vec![
+            "--set".into(),
+            set.display().to_string(),
+            "--model".into(),
+            "候補A model-a".into(),
+            "--model".into(),
+            "候補B model-b".into(),
+            "--judge".into(),
+            "採点 judge-1".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ]
+    };
+    let (ok, text) = eval_cli(&s, args(&out)).await;
+    assert!(ok, "{text}");
+    // A: 5 and 4; B: 2, then an unreadable verdict retried and graded 3.
+    assert!(
+        text.contains("候補A model-a: 平均 4.50（2問中 2問を採点"),
+        "{text}"
+    );
+    assert!(
+        text.contains("候補B model-b: 平均 2.50（2問中 2問を採点"),
+        "{text}"
+    );
+    assert!(text.contains("窓口: 5.00（1問）"), "{text}");
+
+    // The multi-turn item carries the first answer into the second request.
+    let second = &cand_a.requests()[2].body["messages"];
+    assert_eq!(second.as_array().unwrap().len(), 3, "{second}");
+    assert_eq!(second[1]["content"], "本人確認書類をお持ちください。");
+    // The judge is instructed in Japanese, with the criteria and the reference.
+    let j = &judge.requests()[0].body;
+    assert!(
+        j["system"].as_str().unwrap().contains("1〜5の整数で採点"),
+        "{j}"
+    );
+    let prompt = j["messages"][0]["content"].as_str().unwrap();
+    assert!(
+        prompt.contains("【採点基準】\n本人確認書類に触れているか")
+            && prompt.contains("【参考回答】\n本人確認書類"),
+        "{prompt}"
+    );
+
+    let rows = csv_rows(&out.join("report.csv"));
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0][..3], ["候補A model-a", "q1", "窓口"]);
+    assert_eq!(rows[0][5], "5");
+    assert_eq!(
+        rows[2][4], "'=HYPERLINK(\"http://x\")わかりません。",
+        "never a formula in Excel"
+    );
+    let summary = csv_rows(&out.join("summary.csv"));
+    assert!(
+        summary
+            .iter()
+            .any(|r| r[0] == "候補B model-b" && r[1] == "（全体）" && r[4] == "2.50"),
+        "{summary:?}"
+    );
+
+    // Interrupted after three answers: the rerun asks only for the fourth.
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let kept: Vec<&str> = results.lines().take(3).collect();
+    std::fs::write(out.join("results.jsonl"), kept.join("\n") + "\n").unwrap();
+    let before = (
+        cand_a.requests().len(),
+        cand_b.requests().len(),
+        judge.requests().len(),
+    );
+    judge.push(fakes::Script::answer(
+        [r#"{"score": 1, "reason": "誤り"}"#],
+        0,
+    ));
+    let (ok, text) = eval_cli(&s, args(&out)).await;
+    assert!(ok, "{text}");
+    assert_eq!(cand_a.requests().len(), before.0, "A was done");
+    assert_eq!(
+        cand_b.requests().len(),
+        before.1 + 2,
+        "B's two-turn item only"
+    );
+    assert_eq!(judge.requests().len(), before.2 + 1);
+    assert!(text.contains("候補B model-b: 平均 1.50"), "{text}");
+
+    // Bad input: an unknown model, a broken set.
+    let mut bad = args(&out);
+    bad[5] = "ありません".into();
+    let (ok, text) = eval_cli(&s, bad).await;
+    assert!(
+        !ok && text.contains("モデル「ありません」は設定されていません"),
+        "{text}"
+    );
+    std::fs::write(&set, "{\"id\":\"q1\"}\nこれはJSONではない\n").unwrap();
+    let (ok, text) = eval_cli(&s, args(&out)).await;
+    assert!(
+        !ok && text.contains("1行目") && text.contains("2行目: JSON として読めません"),
+        "{text}"
+    );
+
+    // From the admin pages: the shipped set on one model, then the report downloaded.
+    judge.set_default(fakes::Script::answer(
+        [r#"{"score": 4, "reason": "良い"}"#],
+        0,
+    ));
+    let (_, list) = a.get_json("/api/v1/admin/models").await;
+    let id_of = |name: &str| {
+        list["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["display_name"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let form = reqwest::multipart::Form::new()
+        .text(format!("model_{}", id_of("候補A model-a")), "1")
+        .text("judge", id_of("採点 judge-1"));
+    let r = a
+        .http
+        .post(a.url(&format!("/admin/eval?_csrf={}", a.csrf())))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = a.get_text("/admin/eval").await.1;
+        if page.contains("完了") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        page.contains("完了") && page.contains("10 / 10") && page.contains("<strong>4.00</strong>"),
+        "{page}"
+    );
+    let href = page
+        .split("href=\"/admin/eval/")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = a.get(&format!("/admin/eval/{href}")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let report = r.text().await.unwrap();
+    assert!(
+        report.contains("市民プール") && report.contains("候補A model-a"),
+        "{report}"
+    );
+    // Another tenant's admin or a staff member cannot reach it.
+    let (staff, _) = s
+        .signed_in("staff02", "総務部/情報政策課", Role::User)
+        .await;
+    assert_eq!(
+        staff.get(&format!("/admin/eval/{href}")).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        a.get("/admin/eval/not-an-id/report.csv").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.get(&format!(
+            "/admin/eval/{}",
+            href.replace("report.csv", "run.json")
+        ))
+        .await
+        .status(),
+        StatusCode::NOT_FOUND
+    );
+}
