@@ -309,6 +309,23 @@ fn build_tokenizer(path: &Path, ct: &Content) -> Result<Tok, LlmError> {
                 .map_err(|e| file_error(format!("トークナイザーを作れません: {e}")))
         }
         "gpt2" => {
+            // llama.cpp names Llama 3's pre-tokenizer "llama-bpe"; candle 0.11 knows it only
+            // as "llama3" and would otherwise split like GPT-2 (a space before every word).
+            let renamed;
+            let ct = match ct.metadata.get("tokenizer.ggml.pre") {
+                Some(Value::String(p)) if p == "llama-bpe" => {
+                    let mut metadata = ct.metadata.clone();
+                    metadata.insert("tokenizer.ggml.pre".into(), Value::String("llama3".into()));
+                    renamed = Content {
+                        magic: ct.magic,
+                        metadata,
+                        tensor_infos: HashMap::new(),
+                        tensor_data_offset: 0,
+                    };
+                    &renamed
+                }
+                _ => ct,
+            };
             let tok = tokenizers::Tokenizer::from_gguf(ct)
                 .map_err(|e| file_error(format!("トークナイザーを作れません: {e}")))?;
             let specials = tok
