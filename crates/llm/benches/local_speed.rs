@@ -81,6 +81,15 @@ fn main() {
     }
     let (pp_med, pp_worst) = stats(pp);
     let (tg_med, tg_worst) = stats(tg);
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!("peak RSS of this process with the model loaded and generating: {peak}");
     println!("yakuba   prompt {pp_med:7.1} tok/s (worst {pp_worst:.1})   generation {tg_med:6.1} tok/s (worst {tg_worst:.1})");
 
     let reference = root.join("bench/llama-ref/target/release/llama-ref");

@@ -69,8 +69,13 @@ struct Proj {
 impl Proj {
     fn new(q: QTensor) -> Result<Proj> {
         let (q, pad) = pad_q8_0(q)?;
+        Self::shared(Arc::new(q), pad)
+    }
+
+    /// A projection over weights also used elsewhere (the tied embedding table).
+    fn shared(q: Arc<QTensor>, pad: usize) -> Result<Proj> {
         Ok(Proj {
-            mm: QMatMul::from_qtensor(q)?,
+            mm: QMatMul::from_arc(q)?,
             pad,
         })
     }
@@ -295,20 +300,29 @@ impl Gemma3 {
         let local_rope = Rope::new(head_dim, local_base, positions, dev)?;
 
         let mut t = |name: &str| ct.tensor(r, name, dev).and_then(|q| fast_layout(q, dev));
-        let embed_q = t("token_embd.weight")?;
+        let separate_output = ct.tensor_infos.contains_key("output.weight");
+        // With tied weights the table is also the output projection: one copy in memory,
+        // padded for the fast kernels, its rows cut back to `n_embd` when looked up.
+        let (embed_q, pad) = if separate_output {
+            (t("token_embd.weight")?, 0)
+        } else {
+            pad_q8_0(t("token_embd.weight")?)?
+        };
+        let embed_q = Arc::new(embed_q);
         let embed = if dev.is_cpu() {
             Embed::Rows {
-                q: Arc::new(embed_q),
+                q: embed_q.clone(),
                 n_embd,
+                row_len: n_embd + pad,
             }
         } else {
-            Embed::Full(embed_q.dequantize(dev)?)
+            Embed::Full(embed_q.dequantize(dev)?.narrow(1, 0, n_embd)?)
         };
         let norm = RmsNorm::from_qtensor(t("output_norm.weight")?, eps)?;
-        let output = match t("output.weight") {
-            Ok(w) => Proj::new(w)?,
-            // Tied weights: the embedding table is also the output projection.
-            Err(_) => Proj::new(t("token_embd.weight")?)?,
+        let output = if separate_output {
+            Proj::new(t("output.weight")?)?
+        } else {
+            Proj::shared(embed_q, pad)?
         };
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
@@ -376,6 +390,8 @@ enum Embed {
     Rows {
         q: Arc<QTensor>,
         n_embd: usize,
+        /// Values stored per row (more than `n_embd` when padded with zeros).
+        row_len: usize,
     },
     Full(Tensor),
 }
@@ -384,9 +400,9 @@ impl Embed {
     fn lookup(&self, ids: &[u32], dev: &Device) -> Result<Tensor> {
         match self {
             Embed::Full(t) => t.index_select(&Tensor::new(ids, dev)?, 0),
-            Embed::Rows { q, n_embd } => {
+            Embed::Rows { q, n_embd, row_len } => {
                 let dtype = q.dtype();
-                let row = n_embd / dtype.block_size() * dtype.type_size();
+                let row = row_len / dtype.block_size() * dtype.type_size();
                 let data = q.data()?;
                 let rows = ids
                     .iter()
@@ -396,7 +412,9 @@ impl Embed {
                             candle_core::Error::Msg(format!("token {id} is outside the vocabulary"))
                         })?;
                         let storage = QStorage::from_data(Cow::Borrowed(bytes), dev, dtype)?;
-                        QTensor::new(storage, (1, *n_embd))?.dequantize(dev)
+                        QTensor::new(storage, (1, *row_len))?
+                            .dequantize(dev)?
+                            .narrow(1, 0, *n_embd)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&rows, 0)
