@@ -136,62 +136,85 @@ pub async fn offer_first_run(state: &Shared, tenant_id: &str) {
             return;
         }
     };
-    let now = state.now();
     let audit = AuditEvent {
         tenant_id: tenant_id.to_string(),
-        at_ms: now,
+        at_ms: state.now(),
         actor_login: "system".into(),
         ip: "-".into(),
         ..Default::default()
     };
-    let provider = ProviderInput {
-        name: "ローカルモデル（このサーバー）".into(),
-        kind: llm::ProviderKind::Local.as_str().into(),
-        base_url: file.name.clone(),
-        api_key: String::new(),
-        api_version: None,
-        proxy: None,
-        region: "このサーバー内（外部に送信しません）".into(),
-        no_training: true,
-        enabled: true,
-    };
-    let saved = match state
-        .store
-        .save_provider(tenant_id, None, &provider, now, audit.clone())
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not register the local model");
-            return;
-        }
-    };
-    let name = info.name.clone().unwrap_or_else(|| file.name.clone());
-    let display_name = if info.instruction_tuned() {
-        format!("{name}（ローカル）")
-    } else {
-        format!("{name}（デモ用・事前学習のみ：指示に従いません）")
-    };
-    let model = ModelInput {
-        provider_id: saved.id,
-        model: file.name.clone(),
-        display_name,
-        enabled: true,
-        is_default: true,
-        all_departments: true,
-        department_ids: Vec::new(),
-        max_class: 3,
-    };
-    match state
-        .store
-        .save_model(tenant_id, None, &model, now, audit)
-        .await
-    {
+    match register(state, tenant_id, &file.name, &info, audit).await {
         Ok(_) => {
             tracing::info!(file = %file.name, "no AI service was configured: the local model is offered")
         }
         Err(e) => tracing::warn!(error = %e, "could not register the local model"),
     }
+}
+
+/// Makes the GGUF file `name` of the models folder a model staff can choose: its local
+/// provider (reused when there is one) and a model for every department that may receive
+/// up to 機密性3, the default when the tenant has no enabled default yet. A pre-trained
+/// file is named as the demo it is.
+pub async fn register(
+    state: &Shared,
+    tenant_id: &str,
+    name: &str,
+    info: &llm::local::ModelInfo,
+    audit: AuditEvent,
+) -> Result<storage::Model, storage::StorageError> {
+    let now = audit.at_ms;
+    let existing = state
+        .store
+        .list_providers(tenant_id)
+        .await?
+        .into_iter()
+        .find(|p| p.kind == llm::ProviderKind::Local.as_str() && p.base_url == name);
+    let provider = match existing {
+        Some(p) => p,
+        None => {
+            let input = ProviderInput {
+                name: format!("ローカル: {name}"),
+                kind: llm::ProviderKind::Local.as_str().into(),
+                base_url: name.to_string(),
+                api_key: String::new(),
+                api_version: None,
+                proxy: None,
+                region: "このサーバー内（外部に送信しません）".into(),
+                no_training: true,
+                enabled: true,
+            };
+            state
+                .store
+                .save_provider(tenant_id, None, &input, now, audit.clone())
+                .await?
+        }
+    };
+    let has_default = state
+        .store
+        .list_models(tenant_id)
+        .await?
+        .iter()
+        .any(|m| m.is_default && m.enabled);
+    let shown = info.name.clone().unwrap_or_else(|| name.to_string());
+    let display_name = if info.instruction_tuned() {
+        format!("{shown}（ローカル）")
+    } else {
+        format!("{shown}（デモ用・事前学習のみ：指示に従いません）")
+    };
+    let model = ModelInput {
+        provider_id: provider.id,
+        model: name.to_string(),
+        display_name,
+        enabled: true,
+        is_default: !has_default,
+        all_departments: true,
+        department_ids: Vec::new(),
+        max_class: 3,
+    };
+    state
+        .store
+        .save_model(tenant_id, None, &model, now, audit)
+        .await
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {

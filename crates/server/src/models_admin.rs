@@ -570,61 +570,12 @@ async fn local_add(
         .info
         .clone()
         .map_err(|e| AppError::Validation(vec![fe("file", e)]))?;
-    let providers = state.store.list_providers(&tenant).await?;
-    let provider = match providers
-        .into_iter()
-        .find(|p| p.kind == llm::ProviderKind::Local.as_str() && p.base_url == file.name)
-    {
-        Some(p) => p,
-        None => {
-            let input = ProviderInput {
-                name: format!("ローカル: {}", file.name),
-                kind: llm::ProviderKind::Local.as_str().into(),
-                base_url: file.name.clone(),
-                api_key: String::new(),
-                api_version: None,
-                proxy: None,
-                region: "このサーバー内（外部に送信しません）".into(),
-                no_training: true,
-                enabled: true,
-            };
-            state
-                .store
-                .save_provider(&tenant, None, &input, a.ctx.now, a.audit())
-                .await
-                .map_err(|e| match AppError::from(e) {
-                    AppError::Conflict(m) => AppError::Validation(vec![fe("file", m)]),
-                    other => other,
-                })?
-        }
-    };
-    let has_default = state
-        .store
-        .list_models(&tenant)
-        .await?
-        .iter()
-        .any(|m| m.is_default && m.enabled);
-    let name = info.name.clone().unwrap_or_else(|| file.name.clone());
-    let display_name = if info.instruction_tuned() {
-        format!("{name}（ローカル）")
-    } else {
-        format!("{name}（デモ用・事前学習のみ：指示に従いません）")
-    };
-    let input = ModelInput {
-        provider_id: provider.id,
-        model: file.name.clone(),
-        display_name,
-        enabled: true,
-        is_default: !has_default,
-        all_departments: true,
-        department_ids: Vec::new(),
-        max_class: 3,
-    };
-    state
-        .store
-        .save_model(&tenant, None, &input, a.ctx.now, a.audit())
+    crate::local_models::register(&state, &tenant, &file.name, &info, a.audit())
         .await
-        .map_err(model_error)?;
+        .map_err(|e| match AppError::from(e) {
+            AppError::Conflict(m) => AppError::Validation(vec![fe("file", m)]),
+            other => other,
+        })?;
     Ok(Redirect::to("/admin/models?notice=local").into_response())
 }
 

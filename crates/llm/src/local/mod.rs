@@ -264,12 +264,7 @@ fn build_tokenizer(path: &Path, ct: &Content) -> Result<Tok, LlmError> {
     if let Some(json) = beside.iter().find(|p| p.is_file()) {
         let tok = tokenizers::Tokenizer::from_file(json)
             .map_err(|e| file_error(format!("{} を読み込めません: {e}", json.display())))?;
-        let specials = tok
-            .get_added_tokens_decoder()
-            .values()
-            .filter(|t| t.special)
-            .map(|t| t.content.clone())
-            .collect();
+        let specials = special_texts(&tok);
         return Ok(Tok::Hf {
             tok: Box::new(tok),
             specials,
@@ -328,12 +323,7 @@ fn build_tokenizer(path: &Path, ct: &Content) -> Result<Tok, LlmError> {
             };
             let tok = tokenizers::Tokenizer::from_gguf(ct)
                 .map_err(|e| file_error(format!("トークナイザーを作れません: {e}")))?;
-            let specials = tok
-                .get_added_tokens_decoder()
-                .values()
-                .filter(|t| t.special)
-                .map(|t| t.content.clone())
-                .collect();
+            let specials = special_texts(&tok);
             Ok(Tok::Hf {
                 tok: Box::new(tok),
                 specials,
@@ -353,6 +343,15 @@ fn first_line(e: &candle_core::Error) -> String {
         .unwrap_or_default()
         .trim()
         .to_string()
+}
+
+/// The texts of a BPE tokenizer's special tokens.
+fn special_texts(tok: &tokenizers::Tokenizer) -> Vec<String> {
+    tok.get_added_tokens_decoder()
+        .values()
+        .filter(|t| t.special)
+        .map(|t| t.content.clone())
+        .collect()
 }
 
 fn meta_u32(ct: &Content, key: &str) -> Option<u32> {
