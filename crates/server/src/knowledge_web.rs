@@ -486,10 +486,60 @@ struct PageView {
     collection: Collection,
     page: i64,
     pages: i64,
-    before: String,
-    marked: String,
-    after: String,
+    lines: Vec<PageLine>,
     ocr: bool,
+}
+
+/// One line of a page as shown: headings (written `# ` in the extracted text) as headings,
+/// and the cited passage marked.
+pub struct PageLine {
+    pub heading: bool,
+    /// (text, inside the cited passage, the first marked piece: the scroll target)
+    pub parts: Vec<(String, bool, bool)>,
+}
+
+/// Splits a page into lines for display, marking the byte range `mark` of `text`.
+pub fn page_lines(text: &str, mark: Option<(usize, usize)>) -> Vec<PageLine> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let mut first = true;
+    for line in text.split('\n') {
+        let start = at;
+        at += line.len() + 1;
+        let (heading, skip) = match line.strip_prefix("# ") {
+            Some(_) => (true, 2),
+            None => (false, 0),
+        };
+        let body_start = start + skip;
+        let body = &line[skip..];
+        let mut parts = Vec::new();
+        match mark {
+            Some((m0, m1)) if m0 < body_start + body.len() && m1 > body_start => {
+                let a = m0.max(body_start) - body_start;
+                let b = m1.min(body_start + body.len()) - body_start;
+                let (a, b) = (floor_char(body, a), floor_char(body, b));
+                if a > 0 {
+                    parts.push((body[..a].to_string(), false, false));
+                }
+                parts.push((body[a..b].to_string(), true, first));
+                first = false;
+                if b < body.len() {
+                    parts.push((body[b..].to_string(), false, false));
+                }
+            }
+            _ => parts.push((body.to_string(), false, false)),
+        }
+        out.push(PageLine { heading, parts });
+    }
+    out
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// A page of a document with the cited passage marked: what a citation opens.
@@ -516,25 +566,17 @@ async fn page_view(
             .find(|p| p.document_id == d.id)
     };
     // The passage is a run of the page's text (chunking only trims it).
-    let (before, marked, after) = match passage.as_ref().and_then(|p| {
+    let mark = passage.as_ref().and_then(|p| {
         let needle = p.text.trim();
-        text.find(needle).map(|i| (i, needle.len()))
-    }) {
-        Some((i, n)) => (
-            text[..i].to_string(),
-            text[i..i + n].to_string(),
-            text[i + n..].to_string(),
-        ),
-        None => (text.clone(), String::new(), String::new()),
-    };
+        text.find(needle).map(|i| (i, i + needle.len()))
+    });
+    let lines = page_lines(&text, mark);
     let pages = d.pages.unwrap_or(page);
     render(&PageView {
         l: Layout::for_user(&a, &d.name, "knowledge"),
         page,
         pages,
-        before,
-        marked,
-        after,
+        lines,
         ocr,
         collection,
         d,
@@ -887,4 +929,26 @@ async fn api_search(
                         "url": format!("/knowledge/documents/{}/pages/{}?chunk={}", p.document_id, p.page, p.chunk_id)}))
         .collect();
     Ok(Json(json!({"passages": out})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headings_and_the_mark() {
+        let text = "# 第1章 総則\n第1条 この規程は、文書の管理について定める。\n# 第2章";
+        let i = text.find("この規程").unwrap_or(0);
+        let lines = page_lines(text, Some((i, i + "この規程は".len())));
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].heading && lines[2].heading && !lines[1].heading);
+        assert_eq!(lines[0].parts[0].0, "第1章 総則");
+        assert_eq!(lines[1].parts[0], ("第1条 ".to_string(), false, false));
+        assert_eq!(lines[1].parts[1], ("この規程は".to_string(), true, true));
+        // A mark across a heading line starts after its marker; only the first is the target.
+        let lines = page_lines(text, Some((0, text.len())));
+        assert_eq!(lines[0].parts[0], ("第1章 総則".to_string(), true, true));
+        assert_eq!(lines[2].parts[0], ("第2章".to_string(), true, false));
+        assert_eq!(page_lines("", None).len(), 1);
+    }
 }
