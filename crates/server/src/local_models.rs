@@ -73,16 +73,41 @@ pub fn list_files(config: &Config) -> Vec<LocalFile> {
                 return None;
             }
             let path = e.path();
-            let bytes = std::fs::metadata(&path).ok().filter(|m| m.is_file())?.len();
+            let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
             Some(LocalFile {
-                info: llm::local::inspect(&path).map_err(|e| e.detail),
+                info: inspect_cached(&path, &meta),
                 name,
-                bytes,
+                bytes: meta.len(),
             })
         })
         .collect();
     files.sort_by(|a, b| a.name.cmp(&b.name));
     files
+}
+
+type Inspected = Result<llm::local::ModelInfo, String>;
+
+/// A header read once per file version: the admin page lists the folder on every visit,
+/// and a large vocabulary makes a header megabytes long.
+fn inspect_cached(path: &Path, meta: &std::fs::Metadata) -> Inspected {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    type Stamp = (u64, Option<std::time::SystemTime>);
+    static SEEN: Mutex<Option<HashMap<PathBuf, (Stamp, Inspected)>>> = Mutex::new(None);
+    let stamp = (meta.len(), meta.modified().ok());
+    if let Ok(g) = SEEN.lock() {
+        if let Some((s, info)) = g.as_ref().and_then(|m| m.get(path)) {
+            if *s == stamp {
+                return info.clone();
+            }
+        }
+    }
+    let info = llm::local::inspect(path).map_err(|e| e.detail);
+    if let Ok(mut g) = SEEN.lock() {
+        g.get_or_insert_with(HashMap::new)
+            .insert(path.to_path_buf(), (stamp, info.clone()));
+    }
+    info
 }
 
 /// At start-up: a tenant without any AI service gets the local model (the configured

@@ -866,25 +866,27 @@ pub(crate) async fn stream(
         () = tx.closed() => return Err(LlmError::cancelled()),
         m = eng.model(&path) => m?,
     };
-    let prompt = model.prompt_tokens(req)?;
     let limit = model.info.context_length.min(eng.settings.max_context);
-    if prompt.len() >= limit {
-        return Err(LlmError::new(
-            ErrorKind::ContextLength,
-            format!(
-                "入力が {} トークンあり、このモデルで扱える {} トークンを超えています",
-                prompt.len(),
-                limit
-            ),
-        ));
-    }
-    let room = limit - prompt.len();
-    let max_new = req.max_tokens.map_or(room, |m| (m as usize).min(room));
-    let temperature = req.temperature;
+    let req = req.clone();
     report(Progress::Started);
+    // Tokenizing a long prompt (passages of documents) is CPU work too: all of it runs on
+    // the blocking thread that holds the slot.
     let job = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        model.generate(&prompt, max_new, temperature, |piece| {
+        let prompt = model.prompt_tokens(&req)?;
+        if prompt.len() >= limit {
+            return Err(LlmError::new(
+                ErrorKind::ContextLength,
+                format!(
+                    "入力が {} トークンあり、このモデルで扱える {} トークンを超えています",
+                    prompt.len(),
+                    limit
+                ),
+            ));
+        }
+        let room = limit - prompt.len();
+        let max_new = req.max_tokens.map_or(room, |m| (m as usize).min(room));
+        model.generate(&prompt, max_new, req.temperature, |piece| {
             tx.blocking_send(piece.to_string()).is_ok()
         })
     });
