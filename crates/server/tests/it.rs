@@ -5527,19 +5527,19 @@ async fn model_pull_resumes_checks_and_keeps_the_token_at_the_hub() {
     assert!(out.contains("続きから再開します"), "{out}");
     assert!(!out.contains("hf_secret_token"));
     let partial = models.join("gemma-3-270m-q4_k_m.gguf.partial");
-    assert_eq!(std::fs::metadata(&partial).unwrap().len(), 100_000_000);
+    // What arrived before the connection dropped (up to the 100 MB the hub sent; bytes in
+    // flight when it failed may be lost) is kept and resumed from.
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(kept > 0 && kept <= 100_000_000, "{kept}");
     let (ok, out) = pull(&data, &hub.url(), &args).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains("前回の続き（100000000 バイト目）から再開しました"),
+        out.contains(&format!("前回の続き（{kept} バイト目）から再開しました")),
         "{out}"
     );
     assert!(out.contains("確認済み") && out.contains(&sha), "{out}");
     assert!(out.contains("事前学習のみ"), "{out}");
-    assert_eq!(
-        hub.ranges(),
-        vec![None, Some("bytes=100000000-".to_string())]
-    );
+    assert_eq!(hub.ranges(), vec![None, Some(format!("bytes={kept}-"))]);
     assert!(
         !hub.token_leaked_to_storage(),
         "the token stays with the hub"
