@@ -4,7 +4,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
 import { createServer } from 'node:http';
-import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, mkdirSync, existsSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createRequire } from 'node:module';
@@ -18,8 +18,13 @@ const shots = join(process.env.CARGO_TARGET_DIR || join(root, 'target'), 'screen
 const dataDir = mkdtempSync(join(tmpdir(), 'yakuba-browser-'));
 const port = 20000 + Math.floor(Math.random() * 20000);
 const base = `http://127.0.0.1:${port}`;
+// The local models folder starts empty; the local-model test puts the demo GGUF there.
+const modelsDir = `${dataDir}-models`;
+mkdirSync(modelsDir, { recursive: true });
 const env = {
   ...process.env,
+  YAKUBA_LOCAL_MODEL__DIR: modelsDir,
+  YAKUBA_LOCAL_MODEL__MAX_ANSWER_TOKENS: '24',
   YAKUBA_SECURITY__PASSWORD_HASH_MEMORY_KIB: '1024',
   YAKUBA_SECURITY__PASSWORD_HASH_ITERATIONS: '1',
   // The fake provider below runs on loopback.
@@ -558,4 +563,38 @@ test('knowledge: a department admin uploads a scan, a Word manual and an Excel t
   const api = await other.evaluate(async () => (await fetch('/api/v1/knowledge/search?q=住民票の写しの手数料')).json());
   assert.deepEqual(api.passages, []);
   await other.context().close();
+});
+
+test('local model: an admin picks the GGUF in the models folder and staff get an answer from yakuba itself', async (t) => {
+  const demo = join(root, 'models', 'gemma-3-270m-q4_k_m.gguf');
+  if (!existsSync(demo)) {
+    t.skip('no demo model (scripts/fetch-demo-model installs it)');
+    return;
+  }
+  symlinkSync(demo, join(modelsDir, 'gemma-3-270m-q4_k_m.gguf'));
+  const page = await newPage();
+  await signIn(page, 'first.admin', NEW_PASSWORD);
+  await page.goto(`${base}/admin/models`);
+  const row = page.locator('#local-files tr', { hasText: 'gemma-3-270m-q4_k_m.gguf' });
+  assert.match(await row.innerText(), /gemma3、253 MB/);
+  assert.match(await row.innerText(), /事前学習のみのデモ用モデルです/);
+  await row.locator('button').click();
+  await page.waitForURL(/notice=local/);
+  assert.match(await page.locator('#models').innerText(), /デモ用・事前学習のみ：指示に従いません/);
+  await shot(page, '40-local-model');
+
+  await page.goto(`${base}/chat`);
+  await page.click('.chat-new');
+  await page.waitForURL(/\/chat\/[0-9a-f]{32}$/);
+  const option = page.locator('#model option', { hasText: 'Gemma 3 270m' });
+  await page.selectOption('#model', await option.getAttribute('value'));
+  await page.fill('#prompt', '市役所で住民票の写しを取るには何が必要ですか？');
+  await page.click('#send');
+  // The streamed answer is replaced by the server's rendering when it is complete.
+  await page.waitForFunction(() => {
+    const last = [...document.querySelectorAll('.msg-assistant')].pop();
+    return last && last.querySelector('.md') && last.innerText.includes('市役所');
+  }, null, { timeout: 120000 });
+  assert.match(await page.locator('.msg-assistant').last().innerText(), /市役所/);
+  await shot(page, '41-local-answer');
 });
