@@ -37,7 +37,7 @@ fn main() {
             )
         })
         .collect();
-    let ix = SearchIndex::in_memory().unwrap();
+    let ix = SearchIndex::in_memory(None).unwrap();
     let t = Instant::now();
     let docs: Vec<ChunkDoc> = corpus
         .iter()

@@ -56,10 +56,10 @@ fn kana(t: &str) -> bool {
     t.chars().all(|c| ('\u{3040}'..='\u{309F}').contains(&c))
 }
 
-fn query_terms(mut terms: Vec<String>) -> Vec<String> {
+fn query_terms(mut terms: Vec<String>, others: usize) -> Vec<String> {
     terms.sort();
     terms.dedup();
-    if terms.iter().filter(|t| !kana(t)).count() >= 3 {
+    if terms.iter().filter(|t| !kana(t)).count() >= others {
         terms.retain(|t| !kana(t));
     }
     terms
@@ -132,9 +132,10 @@ fn main() {
             let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
             for f in &fields {
                 let terms = if *f == bi {
-                    query_terms(search::analyse(text))
+                    query_terms(search::analyse(text), 3)
                 } else {
-                    query_terms(morph(text))
+                    // As the product does: kana-only morphemes go once there is a content word.
+                    query_terms(morph(text), 1)
                 };
                 for t in terms {
                     clauses.push((

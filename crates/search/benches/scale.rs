@@ -48,7 +48,7 @@ fn ingest(pages: usize) {
         .map(|f| std::fs::read(fixtures.join(f)).unwrap())
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let ix = SearchIndex::open(dir.path()).unwrap();
+    let ix = SearchIndex::open(dir.path(), None).unwrap();
     let t = Instant::now();
     let (mut done, mut bytes, mut n) = (0usize, 0usize, 0usize);
     while done < pages {
@@ -104,7 +104,7 @@ fn query(chunks: usize) {
         .map(|q| q["text"].as_str().unwrap().to_string())
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let ix = SearchIndex::open(dir.path()).unwrap();
+    let ix = SearchIndex::open(dir.path(), None).unwrap();
     let mut rng = Lcg(42);
     let t = Instant::now();
     let mut bytes = 0usize;

@@ -89,6 +89,8 @@ pub struct AppState {
     pub meter: Arc<crate::usage::Meter>,
     /// The tenants' search indexes, opened on first use.
     pub indexes: crate::knowledge::Indexes,
+    /// The morphological analyser of the second search field, when a dictionary is there.
+    pub morph: Option<Arc<search::Morph>>,
     /// Wakes the ingestion worker when a document is queued.
     pub ingest: Arc<tokio::sync::Notify>,
 }

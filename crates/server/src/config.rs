@@ -62,6 +62,9 @@ pub struct KnowledgeConfig {
     /// `host:port` of a clamd to scan every upload with (INSTREAM). When set and not
     /// reachable, uploads are refused.
     pub clamd: String,
+    /// MeCab IPADIC sources for the second, morphological search field: empty means
+    /// Debian's `mecab-ipadic` when installed, `off` none (character bigrams only).
+    pub morph_dictionary: String,
 }
 
 impl Default for KnowledgeConfig {
@@ -70,6 +73,7 @@ impl Default for KnowledgeConfig {
             max_file_bytes: 100 * 1024 * 1024,
             tenant_quota_bytes: 20 * 1024 * 1024 * 1024,
             clamd: String::new(),
+            morph_dictionary: String::new(),
         }
     }
 }

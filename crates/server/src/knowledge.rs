@@ -47,7 +47,33 @@ impl Indexes {
             .data_dir
             .join("index")
             .join(safe_segment(tenant_id));
-        let ix = Arc::new(SearchIndex::open(&dir).map_err(|e| AppError::Internal(e.to_string()))?);
+        let ix = match SearchIndex::open(&dir, state.morph.clone()) {
+            Ok(ix) => Arc::new(ix),
+            Err(search::SearchError::OldSchema) => {
+                // Made by an earlier version: start afresh and fill it from the passages
+                // in the database (searches find less until that is done).
+                tracing::warn!(tenant = %tenant_id, "the search index is from an earlier version; rebuilding it");
+                std::fs::remove_dir_all(&dir).map_err(|e| AppError::Internal(e.to_string()))?;
+                let ix = Arc::new(
+                    SearchIndex::open(&dir, state.morph.clone())
+                        .map_err(|e| AppError::Internal(e.to_string()))?,
+                );
+                let (store, tenant, fresh) =
+                    (state.store.clone(), tenant_id.to_string(), ix.clone());
+                tokio::spawn(async move {
+                    match rebuild_index(&store, &tenant, fresh).await {
+                        Ok(n) => {
+                            tracing::info!(tenant = %tenant, passages = n, "search index rebuilt")
+                        }
+                        Err(e) => {
+                            tracing::error!(tenant = %tenant, error = %e, "could not rebuild the search index")
+                        }
+                    }
+                });
+                ix
+            }
+            Err(e) => return Err(AppError::Internal(e.to_string())),
+        };
         map.insert(tenant_id.to_string(), ix.clone());
         Ok(ix)
     }
@@ -79,6 +105,32 @@ pub fn blob_path_in(data_dir: &std::path::Path, tenant_id: &str, sha256: &str) -
         .join(safe_segment(tenant_id))
         .join(h.get(..2).unwrap_or("00"))
         .join(h)
+}
+
+/// The morphological analyser for the second search field, per the configuration
+/// (`knowledge.morph_dictionary`): Debian's IPADIC when installed unless switched off.
+/// Blocking (about a second the first time).
+pub fn morph(config: &crate::config::Config) -> Option<Arc<search::Morph>> {
+    let setting = config.knowledge.morph_dictionary.trim();
+    let dir = match setting {
+        "off" => return None,
+        "" => {
+            let d = std::path::Path::new(search::Morph::DEBIAN_IPADIC);
+            if !d.is_dir() {
+                tracing::info!("no IPADIC dictionary (apt-get install mecab-ipadic): search uses character bigrams only");
+                return None;
+            }
+            d.to_path_buf()
+        }
+        p => PathBuf::from(p),
+    };
+    match search::Morph::shared(&dir) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "the morphological dictionary cannot be built: search uses character bigrams only");
+            None
+        }
+    }
 }
 
 /// The directory of a tenant's index.

@@ -126,6 +126,12 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         max_concurrent: config.local_model.max_concurrent,
         max_context: config.local_model.max_context,
     });
+    let morph = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || knowledge::morph(&config))
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))?
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -141,6 +147,7 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         catalogs: app::TtlCache::new(std::time::Duration::from_secs(5)),
         meter: Arc::new(usage::Meter::new(sqlite)),
         indexes: Default::default(),
+        morph,
         ingest: Default::default(),
     }))
 }

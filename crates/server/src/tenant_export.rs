@@ -316,10 +316,15 @@ pub async fn import(
     // Its index, from the passages just stored (the tenant is new here: nobody has it open).
     let dir = crate::knowledge::index_dir(data_dir, &m.tenant_id);
     let ix = std::sync::Arc::new(
-        tokio::task::spawn_blocking(move || search::SearchIndex::open(&dir))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?,
+        // With the default dictionary (a server configured otherwise rebuilds with
+        // `yakuba knowledge reindex`).
+        tokio::task::spawn_blocking(move || {
+            let morph = crate::knowledge::morph(&crate::config::Config::default());
+            search::SearchIndex::open(&dir, morph)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?,
     );
     crate::knowledge::rebuild_index(store, &m.tenant_id, ix).await?;
     Ok((m, counts))

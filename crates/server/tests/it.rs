@@ -5802,3 +5802,51 @@ async fn eval_compares_two_models_graded_by_a_judge_and_resumes() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn an_index_from_an_earlier_version_is_rebuilt_from_the_database() {
+    let mut s = TestServer::start().await;
+    let a = admin(&s).await;
+    let kb = new_collection(&a, "", "全庁 規程集", "2").await;
+    upload(&a, &kb, &[("規程.docx", fixture("manual.docx"))]).await;
+    ingested(&a, &kb).await;
+    let (_, found) = a
+        .get_json("/api/v1/knowledge/search?q=住民票の写しの手数料")
+        .await;
+    let before = found["passages"].as_array().unwrap().len();
+    assert!(before > 0);
+    // The index as the previous version wrote it: the same fields less "morph", empty.
+    let dir = server::knowledge::index_dir(&s.data_dir, s.tenant_id());
+    // (The running server's open files stay valid when their names go, as on an upgrade
+    // where the new binary starts on the old data.)
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut b = tantivy::schema::Schema::builder();
+    b.add_text_field(
+        "chunk_id",
+        tantivy::schema::STRING | tantivy::schema::STORED,
+    );
+    b.add_text_field(
+        "document_id",
+        tantivy::schema::STRING | tantivy::schema::STORED,
+    );
+    b.add_text_field("collection_id", tantivy::schema::STRING);
+    b.add_text_field("text", tantivy::schema::TEXT);
+    tantivy::Index::create_in_dir(&dir, b.build()).unwrap();
+    s.restart().await;
+    let a = admin_again(&s).await;
+    // The first use finds the old index, starts afresh and refills it from the passages.
+    let mut after = 0;
+    for _ in 0..100 {
+        let (st, found) = a
+            .get_json("/api/v1/knowledge/search?q=住民票の写しの手数料")
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        after = found["passages"].as_array().unwrap().len();
+        if after == before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(after, before);
+}
