@@ -35,6 +35,15 @@ impl Lcg {
     }
 }
 
+/// The product's second field when Debian's mecab-ipadic is installed; `BIGRAMS_ONLY=1`
+/// measures without it.
+fn morph() -> Option<std::sync::Arc<search::Morph>> {
+    let dir = std::path::Path::new(search::Morph::DEBIAN_IPADIC);
+    let on = dir.is_dir() && std::env::var_os("BIGRAMS_ONLY").is_none();
+    eprintln!("morphological field: {}", if on { "on" } else { "off" });
+    on.then(|| search::Morph::shared(dir).unwrap())
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -48,7 +57,7 @@ fn ingest(pages: usize) {
         .map(|f| std::fs::read(fixtures.join(f)).unwrap())
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let ix = SearchIndex::open(dir.path(), None).unwrap();
+    let ix = SearchIndex::open(dir.path(), morph()).unwrap();
     let t = Instant::now();
     let (mut done, mut bytes, mut n) = (0usize, 0usize, 0usize);
     while done < pages {
@@ -104,7 +113,7 @@ fn query(chunks: usize) {
         .map(|q| q["text"].as_str().unwrap().to_string())
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let ix = SearchIndex::open(dir.path(), None).unwrap();
+    let ix = SearchIndex::open(dir.path(), morph()).unwrap();
     let mut rng = Lcg(42);
     let t = Instant::now();
     let mut bytes = 0usize;
