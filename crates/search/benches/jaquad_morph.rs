@@ -1,7 +1,8 @@
-//! The analyser comparison on jaquad-dev: character bigrams (what yakuba ships) against a
-//! morphological analyser (vibrato with IPADIC, built here from Debian's `mecab-ipadic`
-//! sources, no download), and both fields together. BM25 for each; the same query rule
-//! (terms of hiragana only dropped when three or more others remain).
+//! The analyser comparison on jaquad-dev: character bigrams, morphemes (the product's
+//! [`search::Morph`]: vibrato with IPADIC built from Debian's `mecab-ipadic` sources, no
+//! download), and both fields together (what yakuba ships when the dictionary is there).
+//! BM25 for each, with the product's query rules: hiragana-only bigrams dropped when three
+//! or more others remain, hiragana-only morphemes when one content word does.
 //!
 //! `apt-get install mecab-ipadic`, then
 //! `cargo bench -p search --features morph --bench jaquad_morph`
@@ -12,7 +13,6 @@ use tantivy::collector::TopDocs;
 use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
 use tantivy::schema::{IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
 use tantivy::{doc, Index, TantivyDocument, Term};
-use unicode_normalization::UnicodeNormalization;
 
 fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -21,35 +21,6 @@ fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn euc(path: &std::path::Path) -> String {
-    let bytes = std::fs::read(path).unwrap();
-    encoding_rs::EUC_JP.decode(&bytes).0.into_owned()
-}
-
-fn dictionary() -> vibrato::Dictionary {
-    let dir = std::path::Path::new("/usr/share/mecab/dic/ipadic");
-    let mut lexicon = String::new();
-    let mut csvs: Vec<_> = std::fs::read_dir(dir)
-        .expect("apt-get install mecab-ipadic")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
-        .collect();
-    csvs.sort();
-    for p in csvs {
-        lexicon.push_str(&euc(&p));
-        if !lexicon.ends_with('\n') {
-            lexicon.push('\n');
-        }
-    }
-    vibrato::SystemDictionaryBuilder::from_readers(
-        lexicon.as_bytes(),
-        euc(&dir.join("matrix.def")).as_bytes(),
-        euc(&dir.join("char.def")).as_bytes(),
-        euc(&dir.join("unk.def")).as_bytes(),
-    )
-    .unwrap()
 }
 
 fn kana(t: &str) -> bool {
@@ -80,21 +51,13 @@ fn main() {
         })
         .collect();
     let t = std::time::Instant::now();
-    let tokenizer = vibrato::Tokenizer::new(dictionary());
+    let m = search::Morph::from_ipadic(std::path::Path::new(search::Morph::DEBIAN_IPADIC))
+        .expect("apt-get install mecab-ipadic");
     println!(
         "IPADIC dictionary built from mecab-ipadic sources in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let mut worker = tokenizer.new_worker();
-    let mut morph = |text: &str| -> Vec<String> {
-        let norm: String = text.nfkc().flat_map(char::to_lowercase).collect();
-        worker.reset_sentence(&norm);
-        worker.tokenize();
-        (0..worker.num_tokens())
-            .map(|i| worker.token(i).surface().to_string())
-            .filter(|s| s.chars().any(char::is_alphanumeric))
-            .collect()
-    };
+    let morph = |text: &str| m.terms(text);
     let mut b = Schema::builder();
     let id = b.add_text_field("id", STRING | STORED);
     let bi = b.add_text_field("bi", TEXT);
