@@ -17,16 +17,17 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-fn main() {
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
         eprintln!("usage: llama-ref MODEL tokenize TEXT [special] | MODEL generate IDS N");
         std::process::exit(2);
     }
-    let mut backend = LlamaBackend::init().expect("backend");
+    let mut backend = LlamaBackend::init()?;
     backend.void_logs();
-    let model = LlamaModel::load_from_file(&backend, &args[1], &LlamaModelParams::default())
-        .expect("model loads");
+    let model = LlamaModel::load_from_file(&backend, &args[1], &LlamaModelParams::default())?;
     let vocab = model.vocab();
     match args[2].as_str() {
         "tokenize" => {
@@ -41,24 +42,22 @@ fn main() {
         "generate" => {
             let prompt: Vec<i32> = args[3]
                 .split(',')
-                .map(|s| s.trim().parse().expect("token id"))
-                .collect();
-            let n: usize = args[4].parse().expect("N");
+                .map(|s| s.trim().parse())
+                .collect::<Result<_, _>>()?;
+            let n: usize = args[4].parse()?;
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
             let params = LlamaContextParams::default()
                 .with_n_ctx(NonZeroU32::new((prompt.len() + n + 8) as u32))
                 .with_n_batch(prompt.len().max(512) as u32)
                 .with_n_threads(threads)
                 .with_n_threads_batch(threads);
-            let mut ctx = model.new_context(&backend, params).expect("context");
+            let mut ctx = model.new_context(&backend, params)?;
             let mut batch = LlamaBatch::new(prompt.len().max(512), 1);
             for (i, t) in prompt.iter().enumerate() {
-                batch
-                    .add(LlamaToken(*t), i as i32, &[0], i + 1 == prompt.len())
-                    .unwrap();
+                batch.add(LlamaToken(*t), i as i32, &[0], i + 1 == prompt.len())?;
             }
             let t0 = Instant::now();
-            ctx.decode(&mut batch).expect("prompt");
+            ctx.decode(&mut batch)?;
             let prefill = t0.elapsed().as_secs_f64();
             let mut sampler = LlamaSampler::greedy();
             let mut out = Vec::new();
@@ -71,9 +70,9 @@ fn main() {
                     break;
                 }
                 batch.clear();
-                batch.add(next, pos, &[0], true).unwrap();
+                batch.add(next, pos, &[0], true)?;
                 pos += 1;
-                ctx.decode(&mut batch).expect("decode");
+                ctx.decode(&mut batch)?;
             }
             let decode = t1.elapsed().as_secs_f64();
             println!(
@@ -92,4 +91,5 @@ fn main() {
             std::process::exit(2);
         }
     }
+    Ok(())
 }

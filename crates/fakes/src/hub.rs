@@ -33,7 +33,12 @@ struct Inner {
     /// the hub).
     storage_auth: AtomicUsize,
     /// Storage lives on another host (127.0.0.2), as the hub's CDN does.
-    storage: Mutex<String>,
+    storage: String,
+}
+
+/// A poisoned lock only means another request panicked; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FakeHub {
@@ -45,7 +50,10 @@ impl FakeHub {
         sha256: &str,
         cut_first_at: Option<usize>,
         token: Option<&str>,
-    ) -> FakeHub {
+    ) -> std::io::Result<FakeHub> {
+        let hub = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = hub.local_addr()?;
+        let storage = tokio::net::TcpListener::bind("127.0.0.2:0").await?;
         let inner = Arc::new(Inner {
             path: format!("/{repo}/resolve/main/{file}"),
             data,
@@ -54,14 +62,9 @@ impl FakeHub {
             token: token.map(str::to_string),
             ranges: Mutex::new(Vec::new()),
             storage_auth: AtomicUsize::new(0),
-            storage: Mutex::new(String::new()),
+            storage: format!("http://{}/storage/blob", storage.local_addr()?),
         });
         let app = Router::new().fallback(handle).with_state(inner.clone());
-        let hub = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = hub.local_addr().unwrap();
-        let storage = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-        *inner.storage.lock().unwrap() =
-            format!("http://{}/storage/blob", storage.local_addr().unwrap());
         let mut tasks = Vec::new();
         for l in [hub, storage] {
             let app = app.clone();
@@ -69,7 +72,7 @@ impl FakeHub {
                 let _ = axum::serve(l, app).await;
             }));
         }
-        FakeHub { addr, inner, tasks }
+        Ok(FakeHub { addr, inner, tasks })
     }
 
     pub fn url(&self) -> String {
@@ -77,7 +80,7 @@ impl FakeHub {
     }
 
     pub fn ranges(&self) -> Vec<Option<String>> {
-        self.inner.ranges.lock().unwrap().clone()
+        lock(&self.inner.ranges).clone()
     }
 
     pub fn token_leaked_to_storage(&self) -> bool {
@@ -109,14 +112,15 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
         }
         // The hub answers with a redirect to its storage on another host, and the LFS
         // metadata.
-        let location = s.storage.lock().unwrap().clone();
-        return Response::builder()
-            .status(StatusCode::FOUND)
-            .header(header::LOCATION, location)
-            .header("x-linked-etag", format!("\"{}\"", s.sha256))
-            .header("x-linked-size", s.data.len().to_string())
-            .body(Body::empty())
-            .unwrap();
+        return (
+            StatusCode::FOUND,
+            [
+                (header::LOCATION.as_str(), s.storage.clone()),
+                ("x-linked-etag", format!("\"{}\"", s.sha256)),
+                ("x-linked-size", s.data.len().to_string()),
+            ],
+        )
+            .into_response();
     }
     if path != "/storage/blob" {
         return (StatusCode::NOT_FOUND, "Entry not found").into_response();
@@ -128,7 +132,7 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    s.ranges.lock().unwrap().push(range.clone());
+    lock(&s.ranges).push(range.clone());
     let start = range
         .as_deref()
         .and_then(|r| r.strip_prefix("bytes="))
@@ -140,18 +144,22 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
     }
     let rest = s.data[start..].to_vec();
     let total = s.data.len();
-    let cut = s.cut_first_at.lock().unwrap().take();
-    let mut b = Response::builder()
-        .header(header::CONTENT_LENGTH, rest.len().to_string())
-        .header(header::ACCEPT_RANGES, "bytes");
-    b = if start > 0 {
-        b.status(StatusCode::PARTIAL_CONTENT).header(
-            header::CONTENT_RANGE,
+    let cut = lock(&s.cut_first_at).take();
+    let (status, content_range) = if start > 0 {
+        (
+            StatusCode::PARTIAL_CONTENT,
             format!("bytes {start}-{}/{total}", total - 1),
         )
     } else {
-        b.status(StatusCode::OK)
+        (StatusCode::OK, String::new())
     };
+    let mut headers = vec![
+        (header::CONTENT_LENGTH, rest.len().to_string()),
+        (header::ACCEPT_RANGES, "bytes".to_string()),
+    ];
+    if !content_range.is_empty() {
+        headers.push((header::CONTENT_RANGE, content_range));
+    }
     let body = match cut {
         // Promise the whole length, send part of it, then fail the stream.
         Some(n) => {
@@ -164,5 +172,5 @@ async fn handle(State(s): State<Arc<Inner>>, req: Request) -> Response {
         }
         None => Body::from(rest),
     };
-    b.body(body).unwrap()
+    (status, axum::response::AppendHeaders(headers), body).into_response()
 }

@@ -8,8 +8,6 @@
 //! 64 new tokens after a ~150-token Japanese prompt) for yakuba's engine and, when the
 //! reference is built, for llama.cpp.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -25,7 +23,9 @@ fn stats(mut xs: Vec<f64>) -> (f64, f64) {
     (xs[xs.len() / 2], xs[0])
 }
 
-fn main() {
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Res<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let model_path = std::env::var_os("YAKUBA_DEMO_MODEL")
         .map(PathBuf::from)
@@ -35,10 +35,10 @@ fn main() {
             "no model at {} (scripts/fetch-demo-model)",
             model_path.display()
         );
-        return;
+        return Ok(());
     }
     let t = Instant::now();
-    let m = LoadedModel::load(&model_path).unwrap();
+    let m = LoadedModel::load(&model_path)?;
     println!("load: {:.2} s", t.elapsed().as_secs_f64());
     let question = "次の文章を読んで、要点を三つにまとめてください。\n\
         市は令和7年度から、住民票の写しや印鑑登録証明書をコンビニエンスストアで取得できるサービスの対象を拡大します。\
@@ -52,7 +52,7 @@ fn main() {
         max_tokens: None,
         temperature: None,
     };
-    let prompt = m.prompt_tokens(&req).unwrap();
+    let prompt = m.prompt_tokens(&req)?;
     println!(
         "prompt: {} tokens, {NEW} new tokens, {RUNS} runs",
         prompt.len()
@@ -70,8 +70,7 @@ fn main() {
             }
             n += 1;
             true
-        })
-        .unwrap();
+        })?;
         let total = start.elapsed().as_secs_f64();
         let first = first.unwrap_or(total);
         // The first piece arrives after the prompt pass and one sampling step.
@@ -95,7 +94,7 @@ fn main() {
     let reference = root.join("bench/llama-ref/target/release/llama-ref");
     if !reference.is_file() {
         println!("llama.cpp: not built (cd bench/llama-ref && cargo build --release)");
-        return;
+        return Ok(());
     }
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     let mut pp = Vec::new();
@@ -104,11 +103,11 @@ fn main() {
         let out = Command::new(&reference)
             .arg(&model_path)
             .args(["generate", &ids.join(","), &NEW.to_string()])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        pp.push(v["prompt_tok_s"].as_f64().unwrap());
-        tg.push(v["gen_tok_s"].as_f64().unwrap());
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let field = |k: &str| v[k].as_f64().ok_or(format!("llama-ref printed no {k}"));
+        pp.push(field("prompt_tok_s")?);
+        tg.push(field("gen_tok_s")?);
     }
     let (lpp_med, lpp_worst) = stats(pp);
     let (ltg_med, ltg_worst) = stats(tg);
@@ -118,4 +117,5 @@ fn main() {
         100.0 * pp_med / lpp_med,
         100.0 * tg_med / ltg_med
     );
+    Ok(())
 }

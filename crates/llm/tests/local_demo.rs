@@ -56,6 +56,27 @@ fn model() -> Option<&'static LoadedModel> {
         .as_ref()
 }
 
+fn local_client(path: &std::path::Path) -> Client {
+    Client::new(ProviderConfig::new(
+        ProviderKind::Local,
+        path.display().to_string(),
+        "",
+    ))
+    .unwrap()
+}
+
+/// Greedy text of `n` tokens after `prompt`, straight from the engine.
+fn generate_text(m: &LoadedModel, prompt: &[u32], n: usize) -> (String, llm::StreamEnd) {
+    let mut text = String::new();
+    let end = m
+        .generate(prompt, n, None, |piece| {
+            text.push_str(piece);
+            true
+        })
+        .unwrap();
+    (text, end)
+}
+
 fn request(max_tokens: u32) -> ChatRequest {
     ChatRequest {
         model: String::new(),
@@ -118,16 +139,7 @@ fn chat_template_matches_llama_cpp() {
 fn greedy_generation_is_deterministic() {
     let Some(m) = model() else { return };
     let prompt = m.prompt_tokens(&request(32)).unwrap();
-    let run = || {
-        let mut text = String::new();
-        let end = m
-            .generate(&prompt, 32, None, |piece| {
-                text.push_str(piece);
-                true
-            })
-            .unwrap();
-        (text, end)
-    };
+    let run = || generate_text(m, &prompt, 32);
     let (first, end) = run();
     assert_eq!(end.output_tokens, Some(32));
     assert_eq!(end.finish_reason.as_deref(), Some("length"));
@@ -174,12 +186,7 @@ fn follows_llama_cpp_token_for_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_and_cancels_through_the_client() {
     let Some(p) = demo_model() else { return };
-    let client = Client::new(ProviderConfig::new(
-        ProviderKind::Local,
-        p.display().to_string(),
-        "",
-    ))
-    .unwrap();
+    let client = local_client(&p);
 
     // Streaming: deltas arrive one by one and add up to the reference text.
     let (tx, mut rx) = mpsc::channel(64);
@@ -195,21 +202,11 @@ async fn streams_and_cancels_through_the_client() {
     assert_eq!(end.output_tokens, Some(12));
     // The same text as the engine gives directly.
     let m = model().unwrap();
-    let mut direct = String::new();
-    m.generate(&m.prompt_tokens(&request(12)).unwrap(), 12, None, |p| {
-        direct.push_str(p);
-        true
-    })
-    .unwrap();
+    let (direct, _) = generate_text(m, &m.prompt_tokens(&request(12)).unwrap(), 12);
     assert_eq!(deltas.concat(), direct);
 
     // Cancellation: dropping the receiver after the first delta stops generation early.
-    let client = Client::new(ProviderConfig::new(
-        ProviderKind::Local,
-        p.display().to_string(),
-        "",
-    ))
-    .unwrap();
+    let client = local_client(&p);
     let (tx, mut rx) = mpsc::channel(1);
     let req = request(2000);
     let started = Instant::now();
@@ -231,12 +228,7 @@ async fn streams_and_cancels_through_the_client() {
 #[tokio::test]
 async fn prompt_longer_than_the_context_is_refused_clearly() {
     let Some(p) = demo_model() else { return };
-    let client = Client::new(ProviderConfig::new(
-        ProviderKind::Local,
-        p.display().to_string(),
-        "",
-    ))
-    .unwrap();
+    let client = local_client(&p);
     // The engine's default cap is 8,192 tokens; this is far more.
     let req = ChatRequest {
         messages: vec![ChatMessage::user("住民票。".repeat(10_000))],
@@ -255,12 +247,7 @@ async fn bad_files_are_clear_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     let not_gguf = dir.join("notes.gguf");
     std::fs::write(&not_gguf, "これはモデルではありません").unwrap();
-    let client = Client::new(ProviderConfig::new(
-        ProviderKind::Local,
-        not_gguf.display().to_string(),
-        "",
-    ))
-    .unwrap();
+    let client = local_client(&not_gguf);
     let (tx, _rx) = mpsc::channel(8);
     let err = client.stream(&request(4), tx).await.unwrap_err();
     assert_eq!(err.kind, llm::ErrorKind::ModelFile);

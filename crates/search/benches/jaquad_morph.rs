@@ -51,8 +51,13 @@ fn main() {
         })
         .collect();
     let t = std::time::Instant::now();
-    let m = search::Morph::from_ipadic(std::path::Path::new(search::Morph::DEBIAN_IPADIC))
-        .expect("apt-get install mecab-ipadic");
+    let m = match search::Morph::from_ipadic(std::path::Path::new(search::Morph::DEBIAN_IPADIC)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("{e} (apt-get install mecab-ipadic)");
+            return;
+        }
+    };
     println!(
         "IPADIC dictionary built from mecab-ipadic sources in {:.1} s",
         t.elapsed().as_secs_f64()

@@ -41,7 +41,12 @@ fn morph() -> Option<std::sync::Arc<search::Morph>> {
     let dir = std::path::Path::new(search::Morph::DEBIAN_IPADIC);
     let on = dir.is_dir() && std::env::var_os("BIGRAMS_ONLY").is_none();
     eprintln!("morphological field: {}", if on { "on" } else { "off" });
-    on.then(|| search::Morph::shared(dir).unwrap())
+    if !on {
+        return None;
+    }
+    search::Morph::shared(dir)
+        .map_err(|e| eprintln!("morphological field off: {e}"))
+        .ok()
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {

@@ -142,21 +142,7 @@ struct MorphTokenizer(Option<Arc<Morph>>);
 impl Tokenizer for MorphTokenizer {
     type TokenStream<'a> = Tokens;
     fn token_stream<'a>(&'a mut self, text: &'a str) -> Tokens {
-        let terms = self.0.as_ref().map(|m| m.terms(text)).unwrap_or_default();
-        Tokens {
-            tokens: terms
-                .into_iter()
-                .enumerate()
-                .map(|(position, text)| Token {
-                    offset_from: 0,
-                    offset_to: 0,
-                    position,
-                    text,
-                    position_length: 1,
-                })
-                .collect(),
-            at: 0,
-        }
+        Tokens::of(self.0.as_ref().map(|m| m.terms(text)).unwrap_or_default())
     }
 }
 
@@ -227,6 +213,24 @@ struct Tokens {
     at: usize,
 }
 
+impl Tokens {
+    /// A stream of already analysed terms, one position each.
+    fn of(terms: Vec<String>) -> Tokens {
+        let tokens = terms
+            .into_iter()
+            .enumerate()
+            .map(|(position, text)| Token {
+                offset_from: 0,
+                offset_to: 0,
+                position,
+                text,
+                position_length: 1,
+            })
+            .collect();
+        Tokens { tokens, at: 0 }
+    }
+}
+
 impl TokenStream for Tokens {
     fn advance(&mut self) -> bool {
         if self.at < self.tokens.len() {
@@ -254,18 +258,7 @@ impl TokenStream for Tokens {
 impl Tokenizer for BigramTokenizer {
     type TokenStream<'a> = Tokens;
     fn token_stream<'a>(&'a mut self, text: &'a str) -> Tokens {
-        let tokens: Vec<Token> = analyse(text)
-            .into_iter()
-            .enumerate()
-            .map(|(position, text)| Token {
-                offset_from: 0,
-                offset_to: 0,
-                position,
-                text,
-                position_length: 1,
-            })
-            .collect();
-        Tokens { tokens, at: 0 }
+        Tokens::of(analyse(text))
     }
 }
 

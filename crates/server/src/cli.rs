@@ -470,7 +470,13 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             let (store, _) = crate::open_store(&config, clock.now_ms())
                 .await
                 .map_err(|e| e.to_string())?;
-            let result = crate::tenant_export::import(&store, &config.data_dir, &file).await;
+            let morph = {
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || crate::knowledge::morph(&config))
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
+            let result = crate::tenant_export::import(&store, &config.data_dir, &file, morph).await;
             let verified = store.verify_audit().await.map_err(|e| e.to_string());
             store.close().await;
             let (m, counts) = result?;

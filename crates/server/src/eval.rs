@@ -388,45 +388,22 @@ fn mean(xs: &[u8]) -> Option<f64> {
     (!xs.is_empty()).then(|| xs.iter().map(|&x| f64::from(x)).sum::<f64>() / xs.len() as f64)
 }
 
-fn csv_writer(path: &Path) -> Result<csv::Writer<std::fs::File>, String> {
-    let mut f =
-        std::fs::File::create(path).map_err(|e| format!("{} を作れません: {e}", path.display()))?;
-    f.write_all("\u{feff}".as_bytes())
-        .map_err(|e| e.to_string())?;
-    Ok(csv::Writer::from_writer(f))
+/// Writes a CSV for Excel the way every export of yakuba does (BOM, CRLF, no formulas).
+fn write_csv(path: &Path, headers: &[&str], rows: Vec<Vec<String>>) -> Result<(), String> {
+    let bytes = crate::csvout::build(headers, rows).map_err(|e| e.to_string())?;
+    std::fs::write(path, bytes).map_err(|e| format!("{} を作れません: {e}", path.display()))
 }
 
 /// Writes `report.csv` and `summary.csv` from `results.jsonl` (the latest line per model
 /// and question counts), in the order of the set and the candidates.
 pub fn write_report(items: &[Item], candidates: &[Target], dir: &Path) -> Result<Summary, String> {
-    let labels: Vec<String> = candidates.iter().map(|c| c.label.clone()).collect();
-    write_report_for(items, &labels, dir)
-}
-
-pub fn write_report_for(items: &[Item], labels: &[String], dir: &Path) -> Result<Summary, String> {
     let mut latest: BTreeMap<(String, String), Outcome> = BTreeMap::new();
     for o in done_so_far(dir) {
         latest.insert((o.model.clone(), o.id.clone()), o);
     }
-    let err = |e: csv::Error| e.to_string();
-    let report = dir.join("report.csv");
-    let mut w = csv_writer(&report)?;
-    w.write_record([
-        "モデル",
-        "ID",
-        "分類",
-        "質問",
-        "回答",
-        "点数",
-        "採点理由",
-        "回答時間（秒）",
-        "入力文字数",
-        "出力文字数",
-        "エラー",
-    ])
-    .map_err(err)?;
+    let mut rows = Vec::new();
     let mut models = Vec::new();
-    for label in labels {
+    for label in candidates.iter().map(|c| &c.label) {
         let mut s = ModelSummary {
             model: label.clone(),
             ..Default::default()
@@ -451,22 +428,19 @@ pub fn write_report_for(items: &[Item], labels: &[String], dir: &Path) -> Result
                 scores.push(sc);
                 cat.1.push(sc);
             }
-            // Model output and question text may start with = + - @: never a formula.
-            let c = crate::csvout::cell;
-            w.write_record([
-                c(&o.model),
-                c(&o.id),
-                c(&o.category),
-                c(&o.question),
-                c(&o.answer),
+            rows.push(vec![
+                o.model.clone(),
+                o.id.clone(),
+                o.category.clone(),
+                o.question.clone(),
+                o.answer.clone(),
                 o.score.map(|x| x.to_string()).unwrap_or_default(),
-                c(&o.reason),
+                o.reason.clone(),
                 format!("{:.1}", o.answer_ms as f64 / 1000.0),
                 o.input_chars.to_string(),
                 o.output_chars.to_string(),
-                c(o.error.as_deref().unwrap_or("")),
-            ])
-            .map_err(err)?;
+                o.error.clone().unwrap_or_default(),
+            ]);
         }
         s.graded = scores.len();
         s.mean = mean(&scores);
@@ -476,55 +450,69 @@ pub fn write_report_for(items: &[Item], labels: &[String], dir: &Path) -> Result
             .collect();
         models.push(s);
     }
-    w.flush().map_err(|e| e.to_string())?;
+    let report = dir.join("report.csv");
+    write_csv(
+        &report,
+        &[
+            "モデル",
+            "ID",
+            "分類",
+            "質問",
+            "回答",
+            "点数",
+            "採点理由",
+            "回答時間（秒）",
+            "入力文字数",
+            "出力文字数",
+            "エラー",
+        ],
+        rows,
+    )?;
 
-    let summary = dir.join("summary.csv");
-    let mut w = csv_writer(&summary)?;
-    w.write_record([
-        "モデル",
-        "分類",
-        "件数",
-        "採点済み",
-        "平均点",
-        "回答時間合計（秒）",
-        "入力文字数",
-        "出力文字数",
-        "採点に使った文字数",
-        "エラー件数",
-    ])
-    .map_err(err)?;
     let f = |m: Option<f64>| m.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    let mut rows = Vec::new();
     for s in &models {
-        w.write_record([
-            crate::csvout::cell(&s.model).as_str(),
-            "（全体）",
-            &s.answered.to_string(),
-            &s.graded.to_string(),
-            &f(s.mean),
-            &format!("{:.1}", s.seconds),
-            &s.input_chars.to_string(),
-            &s.output_chars.to_string(),
-            &s.judge_chars.to_string(),
-            &s.errors.to_string(),
-        ])
-        .map_err(err)?;
+        rows.push(vec![
+            s.model.clone(),
+            "（全体）".into(),
+            s.answered.to_string(),
+            s.graded.to_string(),
+            f(s.mean),
+            format!("{:.1}", s.seconds),
+            s.input_chars.to_string(),
+            s.output_chars.to_string(),
+            s.judge_chars.to_string(),
+            s.errors.to_string(),
+        ]);
         for (cat, (n, m)) in &s.by_category {
-            w.write_record([
-                crate::csvout::cell(&s.model).as_str(),
-                &crate::csvout::cell(cat),
-                &n.to_string(),
-                "",
-                &f(*m),
-                "",
-                "",
-                "",
-                "",
-                "",
-            ])
-            .map_err(err)?;
+            let mut row = vec![
+                s.model.clone(),
+                cat.clone(),
+                n.to_string(),
+                String::new(),
+                f(*m),
+            ];
+            row.resize(10, String::new());
+            rows.push(row);
         }
     }
-    w.flush().map_err(|e| e.to_string())?;
+    let summary = dir.join("summary.csv");
+    write_csv(
+        &summary,
+        &[
+            "モデル",
+            "分類",
+            "件数",
+            "採点済み",
+            "平均点",
+            "回答時間合計（秒）",
+            "入力文字数",
+            "出力文字数",
+            "採点に使った文字数",
+            "エラー件数",
+        ],
+        rows,
+    )?;
     Ok(Summary {
         models,
         report,

@@ -238,10 +238,12 @@ pub fn verify(path: &Path) -> Result<Manifest, String> {
 
 /// Loads an export into this yakuba as a new tenant. Nothing is written unless every
 /// file checks out and every row goes in.
+/// `morph`: the server's morphological analyser, so the index is built as it searches.
 pub async fn import(
     store: &Store,
     data_dir: &Path,
     path: &Path,
+    morph: Option<std::sync::Arc<search::Morph>>,
 ) -> Result<(Manifest, Vec<(String, u64)>), String> {
     let owned = path.to_path_buf();
     let m = tokio::task::spawn_blocking(move || verify(&owned))
@@ -316,15 +318,10 @@ pub async fn import(
     // Its index, from the passages just stored (the tenant is new here: nobody has it open).
     let dir = crate::knowledge::index_dir(data_dir, &m.tenant_id);
     let ix = std::sync::Arc::new(
-        // With the default dictionary (a server configured otherwise rebuilds with
-        // `yakuba knowledge reindex`).
-        tokio::task::spawn_blocking(move || {
-            let morph = crate::knowledge::morph(&crate::config::Config::default());
-            search::SearchIndex::open(&dir, morph)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?,
+        tokio::task::spawn_blocking(move || search::SearchIndex::open(&dir, morph))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?,
     );
     crate::knowledge::rebuild_index(store, &m.tenant_id, ix).await?;
     Ok((m, counts))

@@ -4502,9 +4502,10 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
 
     // Into another yakuba, whose own tenant is another city.
     let t = TestServer::start_with(|c| c.default_tenant = "other".into()).await;
-    let (m, counts) = server::tenant_export::import(&t.state.store, &t.data_dir, &first)
-        .await
-        .unwrap();
+    let (m, counts) =
+        server::tenant_export::import(&t.state.store, &t.data_dir, &first, t.state.morph.clone())
+            .await
+            .unwrap();
     assert_eq!(m.tenant_slug, "default");
     assert!(
         counts.iter().any(|(t, n)| t == "messages" && *n == 4),
@@ -4543,9 +4544,10 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     // Bad input: the same tenant again; a changed file; a truncated zip; a row of another
     // tenant with hashes that match. Nothing is written.
     let before = count_rows(&t, "SELECT COUNT(*) FROM messages").await;
-    let e = server::tenant_export::import(&t.state.store, &t.data_dir, &first)
-        .await
-        .unwrap_err();
+    let e =
+        server::tenant_export::import(&t.state.store, &t.data_dir, &first, t.state.morph.clone())
+            .await
+            .unwrap_err();
     assert!(e.contains("すでにあります"), "{e}");
     let fresh = TestServer::start_with(|c| c.default_tenant = "third".into()).await;
     let changed = dir.path().join("changed.zip");
@@ -4559,9 +4561,14 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
         }
     }
     write_zip(&changed, &edited, false);
-    let e = server::tenant_export::import(&fresh.state.store, &fresh.data_dir, &changed)
-        .await
-        .unwrap_err();
+    let e = server::tenant_export::import(
+        &fresh.state.store,
+        &fresh.data_dir,
+        &changed,
+        fresh.state.morph.clone(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         e.contains("messages.jsonl のハッシュが目録と一致しません"),
         "{e}"
@@ -4569,9 +4576,14 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     let truncated = dir.path().join("truncated.zip");
     let bytes = std::fs::read(&first).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let e = server::tenant_export::import(&fresh.state.store, &fresh.data_dir, &truncated)
-        .await
-        .unwrap_err();
+    let e = server::tenant_export::import(
+        &fresh.state.store,
+        &fresh.data_dir,
+        &truncated,
+        fresh.state.morph.clone(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.contains("ZIP ファイルとして読めません"), "{e}");
     let foreign = dir.path().join("foreign.zip");
     let mut edited = entries.clone();
@@ -4585,9 +4597,14 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
         }
     }
     write_zip(&foreign, &edited, true);
-    let e = server::tenant_export::import(&fresh.state.store, &fresh.data_dir, &foreign)
-        .await
-        .unwrap_err();
+    let e = server::tenant_export::import(
+        &fresh.state.store,
+        &fresh.data_dir,
+        &foreign,
+        fresh.state.morph.clone(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.contains("別の自治体の行"), "{e}");
     assert_eq!(count_rows(&fresh, "SELECT COUNT(*) FROM users").await, 0);
     assert_eq!(count_rows(&fresh, "SELECT COUNT(*) FROM tenants").await, 1);
@@ -5459,7 +5476,9 @@ async fn model_pull_resumes_checks_and_keeps_the_token_at_the_hub() {
     // Not a GGUF at all, with the right checksum: refused after download, nothing left.
     let junk = b"<html>not a model</html>".repeat(1000);
     let sha = hex::encode(sha2::Sha256::digest(&junk));
-    let hub = fakes::FakeHub::start("city/junk", "junk.gguf", junk, &sha, None, None).await;
+    let hub = fakes::FakeHub::start("city/junk", "junk.gguf", junk, &sha, None, None)
+        .await
+        .unwrap();
     let (ok, out) = pull(&data, &hub.url(), &["city/junk", "junk.gguf"]).await;
     assert!(!ok);
     assert!(
@@ -5474,8 +5493,9 @@ async fn model_pull_resumes_checks_and_keeps_the_token_at_the_hub() {
 
     // A checksum that does not match what arrives: refused, file removed.
     let body = b"GGUF".repeat(1000);
-    let hub =
-        fakes::FakeHub::start("city/bad", "bad.gguf", body, &"0".repeat(64), None, None).await;
+    let hub = fakes::FakeHub::start("city/bad", "bad.gguf", body, &"0".repeat(64), None, None)
+        .await
+        .unwrap();
     let (ok, out) = pull(&data, &hub.url(), &["city/bad", "bad.gguf"]).await;
     assert!(!ok);
     assert!(out.contains("チェックサムが一致しません"), "{out}");
@@ -5507,7 +5527,8 @@ async fn model_pull_resumes_checks_and_keeps_the_token_at_the_hub() {
         Some(100_000_000),
         Some("hf_secret_token"),
     )
-    .await;
+    .await
+    .unwrap();
     let (ok, out) = pull(
         &data,
         &hub.url(),

@@ -460,27 +460,21 @@ fn fast_layout(q: QTensor, dev: &Device) -> Result<QTensor> {
 mod tests {
     use super::*;
 
+    fn values(q: &QTensor) -> Vec<f32> {
+        q.dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .unwrap()
+    }
+
     #[test]
     fn q5_0_becomes_the_same_numbers_in_q8_0() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
         let q5 = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
-        let want: Vec<f32> = q5
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let want = values(&q5);
         let q8 = fast_layout(q5, &dev).unwrap();
         assert_eq!(q8.dtype(), GgmlDType::Q8_0);
-        let got: Vec<f32> = q8
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(got, want);
+        assert_eq!(values(&q8), want);
     }
 }
