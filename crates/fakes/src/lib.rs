@@ -350,8 +350,77 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             let _ = stop.wait_for(|s| *s).await;
             StatusCode::SERVICE_UNAVAILABLE.into_response()
         }
+        _ if parts.uri.path().ends_with("/embeddings") => embeddings_response(&body),
         other => stream_response(&shared, Sse { flavor, model }, other),
     }
+}
+
+/// The dimensions of the toy embedding model (or the request's `dimensions`).
+pub const EMBEDDING_DIMS: usize = 256;
+
+/// Words the toy embedding model treats as one meaning, so a test can show vectors
+/// finding what shares no characters with the question.
+const SYNONYMS: &[(&str, &str)] = &[("引っ越し", "転居"), ("引越し", "転居"), ("子ども", "児童")];
+
+/// A small deterministic "embedding model": character bigrams (after folding the synonyms
+/// above) hashed into `dims` buckets, L2-normalised. Similar texts get similar vectors.
+pub fn toy_embedding(text: &str, dims: usize) -> Vec<f32> {
+    let mut t = text.to_string();
+    for (from, to) in SYNONYMS {
+        t = t.replace(from, to);
+    }
+    let chars: Vec<char> = t.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut v = vec![0f32; dims.max(1)];
+    for w in chars.windows(2) {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for c in w {
+            h = (h ^ u64::from(*c)).wrapping_mul(0x100000001b3);
+        }
+        let i = (h % v.len() as u64) as usize;
+        v[i] += if (h >> 63) == 1 { 1.0 } else { -1.0 };
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm == 0.0 {
+        v[0] = 1.0;
+    } else {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+/// OpenAI's `/embeddings` answer for the request's `input` (a string or a list).
+fn embeddings_response(body: &Value) -> Response {
+    let inputs: Vec<String> = match body.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect(),
+        _ => {
+            return error_response(
+                400,
+                None,
+                &error_body(Flavor::OpenAi, 400, "'input' is a required property"),
+            )
+        }
+    };
+    let dims = body
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .map_or(EMBEDDING_DIMS, |d| d as usize);
+    let tokens: usize = inputs.iter().map(|i| i.chars().count()).sum();
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": toy_embedding(t, dims)}))
+        .collect();
+    axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": body.get("model").cloned().unwrap_or(Value::Null),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
 }
 
 /// Checks the path against the flavour's endpoint and returns the model it names.
@@ -365,11 +434,15 @@ fn route(flavor: Flavor, path: &str, query: &str, body: &Value) -> Result<String
     let not_found = || (404, format!("no such endpoint: {path}"));
     match flavor {
         Flavor::OpenAi if path == "/v1/chat/completions" => Ok(body_model()),
+        Flavor::OpenAi if path == "/v1/embeddings" => Ok(body_model()),
         Flavor::Anthropic if path == "/v1/messages" => Ok(body_model()),
         Flavor::Azure => {
             let dep = path
                 .strip_prefix("/openai/deployments/")
-                .and_then(|r| r.strip_suffix("/chat/completions"))
+                .and_then(|r| {
+                    r.strip_suffix("/chat/completions")
+                        .or_else(|| r.strip_suffix("/embeddings"))
+                })
                 .filter(|d| !d.is_empty() && !d.contains('/'))
                 .ok_or_else(not_found)?;
             if !query

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::{ProviderConfig, ProviderKind};
+use crate::embed::{self, Embeddings};
 use crate::error::{redact, ErrorKind, LlmError};
 use crate::sse::{SseEvent, SseParser, MAX_EVENT_BYTES};
 use crate::types::{ChatMessage, ChatRequest, StreamEnd};
@@ -176,10 +177,7 @@ impl Client {
             if sent || retries >= self.cfg.max_retries || !err.worth_automatic_retry() {
                 return Err(err);
             }
-            let wait = err
-                .retry_after
-                .unwrap_or(FIRST_BACKOFF.saturating_mul(1 << retries.min(16)))
-                .min(MAX_RETRY_AFTER);
+            let wait = backoff(&err, retries);
             tracing::warn!(
                 provider = %self.cfg.kind,
                 model = %req.model,
@@ -215,6 +213,67 @@ impl Client {
         let drain = async { while rx.recv().await.is_some() {} };
         let (res, ()) = tokio::join!(self.stream(&req, tx), drain);
         res.map(|_| ())
+    }
+
+    /// Embeds `inputs` (one vector each, in order) with `model` over the `/embeddings`
+    /// endpoint, retrying 429/5xx/connect failures like a chat request. The whole request
+    /// must finish within `first_token_timeout`.
+    pub async fn embed(&self, model: &str, inputs: &[String]) -> Result<Embeddings, LlmError> {
+        if inputs.is_empty() {
+            return Ok(Embeddings {
+                vectors: Vec::new(),
+                tokens: None,
+            });
+        }
+        let url = embed::url(&self.base, &self.cfg, model)?;
+        let body = embed::body(model, inputs);
+        let mut retries = 0u32;
+        loop {
+            let err =
+                match timeout(self.cfg.first_token_timeout, self.embed_once(&url, &body)).await {
+                    Err(_) => self.first_token_timeout(),
+                    Ok(Ok(bytes)) => return embed::parse(&bytes, inputs.len()),
+                    Ok(Err(e)) => self.scrub(e),
+                };
+            if retries >= self.cfg.max_retries || !err.worth_automatic_retry() {
+                return Err(err);
+            }
+            let wait = backoff(&err, retries);
+            tracing::warn!(provider = %self.cfg.kind, model, code = err.code(), "embedding request failed; retrying");
+            tokio::time::sleep(wait).await;
+            retries += 1;
+        }
+    }
+
+    async fn embed_once(&self, url: &reqwest::Url, body: &Value) -> Result<Vec<u8>, LlmError> {
+        let mut headers = self.headers.clone();
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let resp = self
+            .http
+            .post(url.clone())
+            .headers(headers)
+            .json(body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let resp = error_for_status(resp).await?;
+        let mut out = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| wire::cut(&format!("connection lost: {}", chain(&e.without_url()))))?;
+            if out.len() + chunk.len() > embed::MAX_BODY {
+                return Err(LlmError::new(
+                    ErrorKind::BadResponse,
+                    format!(
+                        "the embeddings response is larger than {} bytes",
+                        embed::MAX_BODY
+                    ),
+                ));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
     }
 
     fn prepare(&self, req: &ChatRequest) -> Result<(reqwest::Url, Value), LlmError> {
@@ -254,14 +313,7 @@ impl Client {
             Ok(Err(e)) => return Err(transport_error(e)),
             Ok(Ok(r)) => r,
         };
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after = retry_after(resp.headers());
-            let body = read_error_body(resp).await;
-            let mut e = wire::http_error(status.as_u16(), &body);
-            e.retry_after = retry_after;
-            return Err(e);
-        }
+        let resp = error_for_status(resp).await?;
 
         let mut body = resp.bytes_stream();
         let mut parser = SseParser::new();
@@ -350,6 +402,27 @@ async fn deliver(
         }
     }
     Ok(None)
+}
+
+/// The provider's error for a non-2xx answer, with its `Retry-After`.
+async fn error_for_status(resp: reqwest::Response) -> Result<reqwest::Response, LlmError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = retry_after(resp.headers());
+    let body = read_error_body(resp).await;
+    let mut e = wire::http_error(status.as_u16(), &body);
+    e.retry_after = retry_after;
+    Err(e)
+}
+
+/// How long to wait before retry number `retries + 1`: what the provider asked for, or
+/// doubling from [`FIRST_BACKOFF`]; never more than [`MAX_RETRY_AFTER`].
+fn backoff(err: &LlmError, retries: u32) -> Duration {
+    err.retry_after
+        .unwrap_or(FIRST_BACKOFF.saturating_mul(1 << retries.min(16)))
+        .min(MAX_RETRY_AFTER)
 }
 
 fn too_large() -> LlmError {

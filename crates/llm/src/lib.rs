@@ -6,6 +6,7 @@
 mod anthropic;
 mod client;
 mod config;
+mod embed;
 mod error;
 mod gemini;
 pub mod local;
@@ -16,5 +17,6 @@ mod wire;
 
 pub use client::{Client, Progress};
 pub use config::{ProviderConfig, ProviderKind, DEFAULT_AZURE_API_VERSION};
+pub use embed::Embeddings;
 pub use error::{ErrorKind, LlmError};
 pub use types::{ChatMessage, ChatRequest, Role, StreamEnd, ANTHROPIC_DEFAULT_MAX_TOKENS};

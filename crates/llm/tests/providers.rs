@@ -800,3 +800,91 @@ async fn internal_targets_are_refused_at_connect_and_redirects_not_followed() {
     );
     fake.stop().await;
 }
+
+// ------------------------------------------------------------------ embeddings
+
+#[tokio::test]
+async fn embeddings_over_openai_and_azure() {
+    for f in [Flavor::OpenAi, Flavor::Azure] {
+        let fake = FakeProvider::start(f).await;
+        let c = client(&fake);
+        let inputs = vec![
+            "転居届の提出".to_string(),
+            "引っ越しの手続き".to_string(),
+            "予算".to_string(),
+        ];
+        let e = c.embed("emb-model", &inputs).await.unwrap();
+        assert_eq!(e.vectors.len(), 3, "{f:?}");
+        assert_eq!(
+            e.vectors[0],
+            fakes::toy_embedding("転居届の提出", fakes::EMBEDDING_DIMS)
+        );
+        assert!(e.tokens.is_some());
+        let r = &fake.requests()[0];
+        assert_eq!(r.body["input"], json!(inputs));
+        assert_eq!(r.body["encoding_format"], "float");
+        match f {
+            Flavor::OpenAi => {
+                assert_eq!(r.path, "/v1/embeddings");
+                assert_eq!(
+                    r.header("authorization"),
+                    Some(format!("Bearer {KEY}").as_str())
+                );
+            }
+            _ => {
+                assert!(
+                    r.path
+                        .starts_with("/openai/deployments/emb-model/embeddings?api-version="),
+                    "{}",
+                    r.path
+                );
+                assert_eq!(r.header("api-key"), Some(KEY));
+            }
+        }
+        // Nothing to embed: no request.
+        assert!(c.embed("emb-model", &[]).await.unwrap().vectors.is_empty());
+        assert_eq!(fake.requests().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn embeddings_failures_are_classified() {
+    let fake = FakeProvider::start(Flavor::OpenAi).await;
+    let c = client(&fake);
+    let one = vec!["住民票".to_string()];
+    // 503 then success: retried.
+    fake.push(Script::status(503));
+    assert_eq!(c.embed("m", &one).await.unwrap().vectors.len(), 1);
+    // 401: not retried, classified.
+    fake.push(Script::status(401));
+    let before = fake.requests().len();
+    assert_eq!(c.embed("m", &one).await.unwrap_err().kind, ErrorKind::Auth);
+    assert_eq!(fake.requests().len(), before + 1);
+    // Not JSON of the right shape.
+    fake.push(Script::Status {
+        code: 200,
+        retry_after: None,
+        body: "<html>proxy</html>".into(),
+    });
+    assert_eq!(
+        c.embed("m", &one).await.unwrap_err().kind,
+        ErrorKind::BadResponse
+    );
+    // Hangs: the request's deadline.
+    let mut cfg = config(&fake);
+    cfg.first_token_timeout = Duration::from_millis(300);
+    cfg.max_retries = 0;
+    fake.push(Script::Hang);
+    let e = Client::new(cfg)
+        .unwrap()
+        .embed("m", &one)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::FirstTokenTimeout);
+    // A provider without an embeddings endpoint here.
+    let anthropic = FakeProvider::start(Flavor::Anthropic).await;
+    assert_eq!(
+        client(&anthropic).embed("m", &one).await.unwrap_err().kind,
+        ErrorKind::Config
+    );
+}

@@ -5,7 +5,8 @@
 //! or more others remain, hiragana-only morphemes when one content word does.
 //!
 //! `apt-get install mecab-ipadic`, then
-//! `cargo bench -p search --features morph --bench jaquad_morph`
+//! `cargo bench -p search --features morph --bench jaquad_morph` (with `DUMP_RANKINGS=file`
+//! it also writes the shipped ranking, top 100 per question, for `bench/use-hybrid`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
@@ -86,6 +87,8 @@ fn main() {
     w.commit().unwrap();
     let reader = index.reader().unwrap();
     let searcher = reader.searcher();
+    // The shipped ranking (both fields), top 100 per question, for fusion experiments.
+    let mut dump = Vec::new();
     for (label, fields) in [
         ("character bigrams", vec![bi]),
         ("morphological (IPADIC, vibrato)", vec![mo]),
@@ -119,7 +122,7 @@ fn main() {
             let top = searcher
                 .search(
                     &BooleanQuery::new(clauses),
-                    &TopDocs::with_limit(10).order_by_score(),
+                    &TopDocs::with_limit(100).order_by_score(),
                 )
                 .unwrap();
             let ids: Vec<String> = top
@@ -132,6 +135,10 @@ fn main() {
                         .to_string()
                 })
                 .collect();
+            if fields.len() == 2 {
+                dump.push(serde_json::json!({"q": q["_id"], "ids": ids.clone()}));
+            }
+            let ids: Vec<String> = ids.into_iter().take(10).collect();
             if let Some(rank) = ids.iter().position(|x| x == want) {
                 if rank < 5 {
                     r5 += 1.0;
@@ -145,6 +152,13 @@ fn main() {
             r5 / n,
             r10 / n,
             mrr / n
+        );
+    }
+    if let Some(path) = std::env::var_os("DUMP_RANKINGS") {
+        std::fs::write(&path, serde_json::to_string(&dump).unwrap()).unwrap();
+        println!(
+            "rankings written to {}",
+            std::path::Path::new(&path).display()
         );
     }
 }

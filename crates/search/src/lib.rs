@@ -15,6 +15,11 @@
 //! `mecab-ipadic` sources), passages are also indexed by morphemes in a second field and
 //! a query asks both: on the development set recall@5 rose from 0.962 to 0.973 and MRR@10
 //! from 0.891 to 0.908 (`benches/jaquad_morph.rs`), where either alone scored lower.
+//!
+//! Passage embeddings, when an embedding model is configured, are searched in
+//! [`vectors`] and fused with BM25 by reciprocal rank ([`vectors::rrf`]).
+
+pub mod vectors;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,6 +47,9 @@ pub enum SearchError {
     OldSchema,
     #[error("dictionary: {0}")]
     Dictionary(String),
+    /// A vector of other dimensions than the set's (the embedding model was changed).
+    #[error("vector of {got} dimensions where {expected} are expected")]
+    Dimensions { expected: usize, got: usize },
 }
 
 pub type Result<T, E = SearchError> = std::result::Result<T, E>;

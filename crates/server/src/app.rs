@@ -89,6 +89,8 @@ pub struct AppState {
     pub meter: Arc<crate::usage::Meter>,
     /// The tenants' search indexes, opened on first use.
     pub indexes: crate::knowledge::Indexes,
+    /// The tenants' passage vectors, loaded on first use.
+    pub vectors: crate::knowledge_vectors::Vectors,
     /// The morphological analyser of the second search field, when a dictionary is there.
     pub morph: Option<Arc<search::Morph>>,
     /// Wakes the ingestion worker when a document is queued.
@@ -797,6 +799,7 @@ pub fn router(state: Shared) -> Router {
         .merge(crate::tokens_web::routes())
         .merge(crate::retention_web::routes())
         .merge(crate::disposal_web::routes())
+        .merge(crate::embedding_web::routes())
         .merge(crate::alerts_web::routes())
         .merge(crate::tenant_export::routes())
         .merge(crate::knowledge_web::routes(

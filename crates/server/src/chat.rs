@@ -146,17 +146,14 @@ async fn knowledge_for(
     a: &Authed,
     model: &Model,
     asked: &[String],
-) -> AppResult<Vec<String>> {
+) -> AppResult<Vec<storage::Collection>> {
     let readable = crate::knowledge::readable(state, a).await?;
     let receivable = |c: &storage::Collection| {
         domain::policy::model_may_receive(model.max_class, c.classification)
     };
     if asked.is_empty() {
-        let ids: Vec<String> = readable
-            .iter()
-            .filter(|c| receivable(c))
-            .map(|c| c.id.clone())
-            .collect();
+        let ids: Vec<storage::Collection> =
+            readable.iter().filter(|c| receivable(c)).cloned().collect();
         if ids.is_empty() {
             return Err(AppError::field(
                 "knowledge",
@@ -179,7 +176,7 @@ async fn knowledge_for(
                 ),
             ));
         }
-        out.push(c.id.clone());
+        out.push(c.clone());
     }
     Ok(out)
 }

@@ -8,6 +8,11 @@
 //! mark the document ready with its passages in one transaction. A crash anywhere leaves
 //! the document not ready and its job to be claimed again; the retry first removes what
 //! the earlier attempt put in the index.
+//!
+//! With an embedding model set (`knowledge_vectors`), passages are embedded during
+//! ingestion and stored with them; retrieval fuses BM25 with the nearest passages by
+//! reciprocal rank. An embedding model that fails never holds a document back: it is made
+//! ready for BM25 and an `embed` job makes its vectors later.
 
 use crate::app::{Authed, Shared};
 use crate::error::{AppError, AppResult};
@@ -184,6 +189,7 @@ pub async fn forget_document(state: &Shared, d: &KbDocument) -> AppResult<()> {
     .await
     .map_err(|e| AppError::Internal(e.to_string()))?
     .map_err(|e| AppError::Internal(e.to_string()))?;
+    crate::knowledge_vectors::sync_document(state, &d.tenant_id, &d.id).await;
     if !state.store.blob_in_use(&d.tenant_id, &d.sha256).await? {
         let _ = tokio::fs::remove_file(blob_path(state, &d.tenant_id, &d.sha256)).await;
     }
@@ -208,6 +214,7 @@ pub async fn forget_collection(
     .map_err(|e| AppError::Internal(e.to_string()))?
     .map_err(|e| AppError::Internal(e.to_string()))?;
     for d in docs {
+        crate::knowledge_vectors::sync_document(state, tenant_id, &d.id).await;
         if !state.store.blob_in_use(tenant_id, &d.sha256).await? {
             let _ = tokio::fs::remove_file(blob_path(state, tenant_id, &d.sha256)).await;
         }
@@ -218,6 +225,7 @@ pub async fn forget_collection(
 /// Removes all of a tenant's files and its index (tenant disposal).
 pub async fn forget_tenant(state: &Shared, tenant_id: &str) {
     state.indexes.drop_tenant(tenant_id);
+    state.vectors.drop_tenant(tenant_id);
     for dir in ["files", "index"] {
         let p = state
             .config
@@ -254,28 +262,42 @@ pub async fn readable(state: &Shared, a: &Authed) -> AppResult<Vec<Collection>> 
         .collect())
 }
 
-/// The passages for a question, from `collections` only (the filter is in the query).
+/// The passages for a question, from `collections` only (the filter is in the query):
+/// BM25, fused by reciprocal rank with the nearest passages by vector when the tenant has
+/// an embedding model that may receive these collections.
 pub async fn retrieve(
     state: &Shared,
     tenant_id: &str,
     question: &str,
-    collections: &[String],
+    collections: &[Collection],
 ) -> AppResult<Vec<Passage>> {
     if collections.is_empty() {
         return Ok(Vec::new());
     }
     let ix = state.indexes.get(state, tenant_id)?;
-    let (q, cols) = (search_text(question), collections.to_vec());
-    let hits = tokio::task::spawn_blocking(move || ix.search(&q, &cols, PASSAGES))
+    let ids: Vec<String> = collections.iter().map(|c| c.id.clone()).collect();
+    let (q, cols) = (search_text(question), ids.clone());
+    let bm25 = tokio::task::spawn_blocking(move || {
+        ix.search(&q, &cols, crate::knowledge_vectors::FUSION_DEPTH)
+    });
+    let near = crate::knowledge_vectors::search(state, tenant_id, question, collections).await;
+    let mut bm25 = bm25
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?
         .map_err(|e| AppError::Internal(e.to_string()))?;
-    let ids: Vec<String> = hits.into_iter().map(|h| h.chunk_id).collect();
-    let passages = state.store.passages(tenant_id, &ids).await?;
+    let hits = match near {
+        Some(near) if !near.is_empty() => search::vectors::rrf(&[&bm25, &near], PASSAGES),
+        _ => {
+            bm25.truncate(PASSAGES);
+            bm25
+        }
+    };
+    let chunk_ids: Vec<String> = hits.into_iter().map(|h| h.chunk_id).collect();
+    let passages = state.store.passages(tenant_id, &chunk_ids).await?;
     // The database is the truth: a passage of a collection not asked for never passes.
     Ok(passages
         .into_iter()
-        .filter(|p| collections.contains(&p.collection_id))
+        .filter(|p| ids.contains(&p.collection_id))
         .collect())
 }
 
@@ -321,8 +343,10 @@ pub fn spawn_worker(state: Shared) -> tokio::task::JoinHandle<()> {
         loop {
             match state.store.claim_job(state.now(), LEASE_MS).await {
                 Ok(Some(job)) => {
-                    if job.kind == "ingest" {
-                        ingest(&state, &job).await;
+                    match job.kind.as_str() {
+                        "ingest" => ingest(&state, &job).await,
+                        "embed" => embed(&state, &job).await,
+                        _ => {}
                     }
                     continue;
                 }
@@ -353,6 +377,15 @@ async fn ingest(state: &Shared, job: &Job) {
             };
             let _ = state.store.fail_job(job, &shown, last, state.now()).await;
         }
+    }
+}
+
+async fn embed(state: &Shared, job: &Job) {
+    if let Err(msg) = crate::knowledge_vectors::run_embed_job(state, job).await {
+        let last = job.attempts >= MAX_ATTEMPTS;
+        tracing::warn!(document = %job.target_id, error = %msg, attempt = job.attempts, "the passages could not be embedded");
+        // The document stays searchable by BM25 whatever happens here.
+        let _ = state.store.fail_job(job, &msg, last, state.now()).await;
     }
 }
 
@@ -428,7 +461,7 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
             .await
             .map_err(retry)?;
     }
-    let chunks: Vec<NewChunk> = chunk_pages(&read)
+    let mut chunks: Vec<NewChunk> = chunk_pages(&read)
         .into_iter()
         .enumerate()
         .map(|(i, c)| NewChunk {
@@ -437,8 +470,44 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
             page: i64::from(c.page),
             heading: c.heading,
             text: c.text,
+            vector: None,
         })
         .collect();
+    // Vectors, when an embedding model is set and may receive this collection's class.
+    // If it fails the document is still made searchable (BM25) and an `embed` job tries
+    // again later.
+    let mut vector_model = None;
+    let mut embed_later = false;
+    if let Some(e) = crate::knowledge_vectors::embedding(state, &d.tenant_id)
+        .await
+        .map_err(retry)?
+    {
+        let class = store
+            .collection(&d.tenant_id, &d.collection_id)
+            .await
+            .map_err(retry)?
+            .classification;
+        if e.may_receive(class) {
+            let texts: Vec<String> = chunks
+                .iter()
+                .map(|c| {
+                    crate::knowledge_vectors::passage_text(&d.name, c.heading.as_deref(), &c.text)
+                })
+                .collect();
+            match crate::knowledge_vectors::embed_passages(&e, &texts).await {
+                Ok(vectors) => {
+                    for (c, v) in chunks.iter_mut().zip(vectors) {
+                        c.vector = Some(v);
+                    }
+                    vector_model = Some(e.embedder.key());
+                }
+                Err(msg) => {
+                    tracing::warn!(document = %d.id, error = %msg, "passages not embedded; searchable by BM25, embedding again later");
+                    embed_later = true;
+                }
+            }
+        }
+    }
     let docs: Vec<ChunkDoc> = chunks
         .iter()
         .map(|c| ChunkDoc {
@@ -473,8 +542,24 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
         ("ready", None)
     };
     store
-        .finish_ingest(job, status, &stored, &chunks, note, state.now())
+        .finish_ingest(
+            job,
+            status,
+            &stored,
+            &chunks,
+            vector_model.as_deref(),
+            note,
+            state.now(),
+        )
         .await
         .map_err(retry)?;
+    if embed_later {
+        store
+            .queue_embed(&d.tenant_id, &d.id, state.now())
+            .await
+            .map_err(retry)?;
+        state.ingest.notify_one();
+    }
+    crate::knowledge_vectors::sync_document(state, &d.tenant_id, &d.id).await;
     Ok(())
 }

@@ -903,23 +903,18 @@ async fn api_search(
             "検索語を1〜1000文字で入力してください。",
         ));
     }
-    let readable: Vec<String> = knowledge::readable(&state, &a)
-        .await?
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    let wanted: Vec<String> = if q.collections.trim().is_empty() {
+    let readable = knowledge::readable(&state, &a).await?;
+    let wanted: Vec<storage::Collection> = if q.collections.trim().is_empty() {
         readable
     } else {
-        let asked: Vec<String> = q
-            .collections
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .collect();
-        if asked.iter().any(|c| !readable.contains(c)) {
+        let asked: Vec<&str> = q.collections.split(',').map(str::trim).collect();
+        if asked.iter().any(|c| !readable.iter().any(|r| r.id == *c)) {
             return Err(AppError::NotFound);
         }
-        asked
+        readable
+            .into_iter()
+            .filter(|r| asked.contains(&r.id.as_str()))
+            .collect()
     };
     let passages = knowledge::retrieve(&state, &a.ctx.tenant.id, query, &wanted).await?;
     let out: Vec<serde_json::Value> = passages

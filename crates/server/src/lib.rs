@@ -14,11 +14,13 @@ pub mod cli;
 pub mod config;
 pub mod csvout;
 pub mod disposal_web;
+pub mod embedding_web;
 pub mod error;
 pub mod eval;
 pub mod eval_web;
 pub mod form;
 pub mod knowledge;
+pub mod knowledge_vectors;
 pub mod knowledge_web;
 pub mod local_models;
 pub mod logs_web;
@@ -147,6 +149,7 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         catalogs: app::TtlCache::new(std::time::Duration::from_secs(5)),
         meter: Arc::new(usage::Meter::new(sqlite)),
         indexes: Default::default(),
+        vectors: Default::default(),
         morph,
         ingest: Default::default(),
     }))

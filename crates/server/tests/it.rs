@@ -5871,3 +5871,257 @@ async fn an_index_from_an_earlier_version_is_rebuilt_from_the_database() {
     }
     assert_eq!(after, before);
 }
+
+/// Waits until the tenant has no `embed` job queued or running.
+async fn embedded(s: &TestServer, tenant: &str, model: &str) -> (i64, i64, i64, i64) {
+    for _ in 0..400 {
+        let p = s.state.store.vector_progress(tenant, model).await.unwrap();
+        if p.2 == 0 {
+            return p;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("passages not embedded in time");
+}
+
+/// Document names of the passages found in `collections` (comma-separated).
+async fn search_names(c: &Client, q: &str, collections: &str) -> Vec<String> {
+    let (st, found) = c
+        .get_json(&format!(
+            "/api/v1/knowledge/search?q={}&collections={collections}",
+            urlencode(q)
+        ))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{found}");
+    found["passages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["document_name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_embedding_model_finds_paraphrases_and_never_receives_documents_above_its_class() {
+    let s = chat_server().await;
+    let a = admin(&s).await;
+    let fake = testkit::fakes::FakeProvider::start(testkit::fakes::Flavor::OpenAi).await;
+    let (st, p) = a
+        .post_json("/api/v1/admin/providers", &json!({"name": "庁内埋め込みサーバー", "kind": "openai", "base_url": fake.base_url, "api_key": "sk-test-key", "region": "庁内", "no_training": true}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{p}");
+    let provider = p["id"].as_str().unwrap().to_string();
+    let (dadmin, u) = s
+        .signed_in("shimin.kanri", "市民部/市民課", Role::DepartmentAdmin)
+        .await;
+    let tenant = u.tenant_id.clone();
+    let shimin = dept_id(&a, "市民部/市民課").await;
+    let kb = new_collection(&dadmin, &shimin, "住民異動の手引き", "2").await;
+    let secret = new_collection(&dadmin, &shimin, "異動の内部資料", "3").await;
+    let (st, body) = upload(
+        &dadmin,
+        &kb,
+        &[
+            (
+                "転居届.txt",
+                "転居届は、転居した日から14日以内に窓口へ提出します。"
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            (
+                "犬の登録.txt",
+                "犬を飼い始めたら、保健所で登録をしてください。"
+                    .as_bytes()
+                    .to_vec(),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let (st, _) = upload(
+        &dadmin,
+        &secret,
+        &[(
+            "内部.txt",
+            "転居の審査では、非公開の照合番号ＺＸ９９を確認する。"
+                .as_bytes()
+                .to_vec(),
+        )],
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    ingested(&dadmin, &kb).await;
+    ingested(&dadmin, &secret).await;
+    let question = "引っ越ししたらどうする";
+    // Words alone: the question shares no word with the passage.
+    assert!(search_names(&dadmin, question, &kb).await.is_empty());
+    assert!(
+        fake.requests().is_empty(),
+        "nothing is sent without an embedding model"
+    );
+
+    // The admin page: bad input first, then the model.
+    let r = a
+        .post_form(
+            "/admin/knowledge/embedding",
+            &[
+                ("provider_id", "nope"),
+                ("model", ""),
+                ("max_class", "9"),
+                ("min_score", "x"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let page = r.text().await.unwrap();
+    for m in [
+        "接続先を選んでください",
+        "モデル名を入力してください",
+        "機密性の上限は1〜3",
+        "関連度の下限は0〜100",
+    ] {
+        assert!(page.contains(m), "{m}");
+    }
+    let form = [
+        ("provider_id", provider.as_str()),
+        ("model", "emb-ja"),
+        ("max_class", "2"),
+        ("min_score", "10"),
+    ];
+    let r = a.post_form("/admin/knowledge/embedding/test", &form).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("256次元"));
+    // Staff and department admins cannot set it.
+    assert_eq!(
+        dadmin
+            .post_form("/admin/knowledge/embedding", &form)
+            .await
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    let r = a.post_form("/admin/knowledge/embedding", &form).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let key = format!("{provider}/emb-ja");
+    let (done, total, _, failed) = embedded(&s, &tenant, &key).await;
+    assert_eq!(
+        (done, failed),
+        (2, 0),
+        "the class-3 passage is not embedded (of {total})"
+    );
+    let (_, page) = a.get_text("/admin/knowledge/embedding").await;
+    assert!(
+        page.contains("検索用ベクトルを作成済みの区切り: 2 / 3"),
+        "{page}"
+    );
+
+    // Now the paraphrase finds the passage (the first search may only start loading).
+    let mut names = Vec::new();
+    for _ in 0..50 {
+        names = search_names(&dadmin, question, &kb).await;
+        if !names.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        names.first().map(String::as_str),
+        Some("転居届.txt"),
+        "{names:?}"
+    );
+    // Over all it may read, which includes the class-3 collection, the question is not
+    // embedded: words only.
+    let before = fake.requests().len();
+    assert!(search_names(&dadmin, question, &format!("{kb},{secret}"))
+        .await
+        .is_empty());
+    assert_eq!(fake.requests().len(), before);
+    // Nothing of class 3 ever went to the embedding model; a question over the class-3
+    // collection is not sent either.
+    let sent = |f: &testkit::fakes::FakeProvider| {
+        f.requests()
+            .iter()
+            .map(|r| r.body.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(!sent(&fake).contains("ＺＸ９９") && !sent(&fake).contains("照合番号"));
+    let before = fake.requests().len();
+    let (st, _) = dadmin
+        .get_json(&format!(
+            "/api/v1/knowledge/search?q={}&collections={secret}",
+            urlencode("照合番号の確認")
+        ))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        fake.requests().len(),
+        before,
+        "no question over class 3 is embedded"
+    );
+
+    // A document uploaded now is embedded while it is ingested — and when the model
+    // fails then, it is still searchable at once and embedded later.
+    for _ in 0..3 {
+        fake.push(testkit::fakes::Script::status(503));
+    }
+    let (st, _) = upload(
+        &dadmin,
+        &kb,
+        &[(
+            "児童手当.txt",
+            "児童手当の申請は、出生の翌日から15日以内です。"
+                .as_bytes()
+                .to_vec(),
+        )],
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let docs = ingested(&dadmin, &kb).await;
+    assert!(docs.iter().all(|d| d["status"] == "ready"), "{docs:?}");
+    assert!(search_names(&dadmin, "児童手当の申請", &kb)
+        .await
+        .contains(&"児童手当.txt".to_string()));
+    let (done, _, _, failed) = embedded(&s, &tenant, &key).await;
+    assert_eq!((done, failed), (3, 0));
+    let names = search_names(&dadmin, "子ども", &kb).await;
+    assert_eq!(
+        names.first().map(String::as_str),
+        Some("児童手当.txt"),
+        "{names:?}"
+    );
+
+    // Deleting a document takes its vectors too.
+    let docs = ingested(&dadmin, &kb).await;
+    let id = docs.iter().find(|d| d["name"] == "児童手当.txt").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = dadmin
+        .post_form(&format!("/knowledge/documents/{id}/delete"), &[])
+        .await;
+    assert!(r.status().is_redirection(), "{}", r.status());
+    assert_eq!(embedded(&s, &tenant, &key).await.0, 2);
+    assert!(!search_names(&dadmin, "子ども", &kb)
+        .await
+        .contains(&"児童手当.txt".to_string()));
+
+    // Removed: words only again, vectors gone.
+    let r = a.post_form("/admin/knowledge/embedding/remove", &[]).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(search_names(&dadmin, question, &kb).await.is_empty());
+    assert_eq!(embedded(&s, &tenant, &key).await.0, 0);
+    s.stop().await;
+    fake.stop().await;
+}

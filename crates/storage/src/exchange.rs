@@ -43,6 +43,8 @@ pub const EXPORT_TABLES: &[ExportTable] = &[
     t("kb_documents", "id", &[]),
     t("kb_pages", "document_id, page", &[]),
     t("kb_chunks", "id", &[]),
+    t("kb_vectors", "chunk_id", &[]),
+    t("kb_embedders", "tenant_id", &[]),
     t("audit_heads", "tenant_id", &[]),
     t("audit_log", "seq", &[]),
     t("disposals", "id", &[]),

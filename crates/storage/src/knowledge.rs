@@ -90,6 +90,8 @@ pub struct NewChunk {
     pub page: i64,
     pub heading: Option<String>,
     pub text: String,
+    /// The passage's embedding (quantised, see `search::vectors`), when one was made.
+    pub vector: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -586,6 +588,7 @@ impl Store {
         status: &str,
         pages: &[NewPage],
         chunks: &[NewChunk],
+        vector_model: Option<&str>,
         error: Option<&str>,
         now: i64,
     ) -> Result<()> {
@@ -619,6 +622,17 @@ impl Store {
                 .bind(&c.text)
                 .execute(&mut *tx)
                 .await?;
+            if let (Some(model), Some(v)) = (vector_model, &c.vector) {
+                sqlx::query("INSERT INTO kb_vectors (chunk_id, tenant_id, document_id, collection_id, model, vector) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(&c.id)
+                    .bind(&d.tenant_id)
+                    .bind(&d.id)
+                    .bind(&d.collection_id)
+                    .bind(model)
+                    .bind(crate::vectors::encode(v))
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         let ocr: Vec<i64> = pages.iter().filter(|p| p.ocr).map(|p| p.page).collect();
         sqlx::query(
@@ -660,7 +674,8 @@ impl Store {
             .bind(&job.id)
             .execute(&mut *tx)
             .await?;
-        if final_failure {
+        // An `embed` job failing leaves the document as it is (searchable by BM25).
+        if final_failure && job.kind == "ingest" {
             sqlx::query("UPDATE kb_documents SET status = 'failed', error = $1, updated_at = $2 WHERE id = $3")
                 .bind(error)
                 .bind(now)

@@ -25,6 +25,7 @@ mod tenants;
 mod tokens;
 mod usage;
 mod users;
+mod vectors;
 
 pub use alerts::AlertRecord;
 pub use audit::{AuditEvent, AuditFilter, ChainReport};
@@ -47,6 +48,7 @@ pub use tenants::Tenant;
 pub use tokens::ApiToken;
 pub use usage::{scopes_for, UsageFilter, UsageRecord, UsageReport, UsageTotals, UserUsage};
 pub use users::{NewUser, User, UserFilter, UserStatus, UserUpdate};
+pub use vectors::{Embedder, StoredVector};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, ConnectOptions, Executor, Row};

@@ -62,6 +62,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0010_knowledge.sql"),
         postgres: include_str!("../migrations/postgres/0010_knowledge.sql"),
     },
+    Migration {
+        version: 11,
+        sqlite: include_str!("../migrations/sqlite/0011_vectors.sql"),
+        postgres: include_str!("../migrations/postgres/0011_vectors.sql"),
+    },
 ];
 
 /// The newest schema this binary knows.
