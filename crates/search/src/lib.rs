@@ -423,6 +423,25 @@ impl SearchIndex {
         Ok(())
     }
 
+    /// The chunk ids a document has in the index (committed), sorted.
+    pub fn chunk_ids_of(&self, document_id: &str) -> Result<Vec<String>> {
+        let searcher = self.reader.searcher();
+        let q = TermQuery::new(
+            Term::from_field_text(self.f.document, document_id),
+            IndexRecordOption::Basic,
+        );
+        let found = searcher.search(&q, &tantivy::collector::DocSetCollector)?;
+        let mut ids = Vec::with_capacity(found.len());
+        for addr in found {
+            let d: TantivyDocument = searcher.doc(addr)?;
+            if let Some(id) = d.get_first(self.f.chunk).and_then(|v| v.as_str()) {
+                ids.push(id.to_string());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
     /// Chunks in the index (committed).
     pub fn len(&self) -> u64 {
         self.reader.searcher().num_docs()

@@ -16,6 +16,7 @@
 
 use crate::app::{Authed, Shared};
 use crate::error::{AppError, AppResult};
+use crate::index_feed::TenantIndex;
 use documents::chunk::{chunk_pages, search_text};
 use domain::policy::{self, CollectionPlace, Decision};
 use search::{ChunkDoc, SearchIndex};
@@ -31,56 +32,65 @@ const MAX_ATTEMPTS: i64 = 3;
 /// Passages put in front of the model.
 pub const PASSAGES: usize = 6;
 
+/// The tenants' search indexes on this node, opened on first use and kept in step with
+/// the database by [`crate::index_feed`].
 #[derive(Default)]
-pub struct Indexes(Mutex<HashMap<String, Arc<SearchIndex>>>);
+pub struct Indexes(Mutex<HashMap<String, Arc<TenantIndex>>>);
 
 impl Indexes {
-    pub fn get(
-        &self,
-        state: &crate::app::AppState,
-        tenant_id: &str,
-    ) -> AppResult<Arc<SearchIndex>> {
+    pub fn get(&self, state: &Shared, tenant_id: &str) -> AppResult<Arc<SearchIndex>> {
+        Ok(self.tenant(state, tenant_id)?.ix.clone())
+    }
+
+    /// The tenant's index with its place in the index log. On first use it is opened
+    /// and, in the background, rebuilt from the database when this node has no record of
+    /// how far it got or the log no longer reaches back that far.
+    pub fn tenant(&self, state: &Shared, tenant_id: &str) -> AppResult<Arc<TenantIndex>> {
         let mut map = self
             .0
             .lock()
             .map_err(|_| AppError::Internal("index registry poisoned".into()))?;
-        if let Some(ix) = map.get(tenant_id) {
-            return Ok(ix.clone());
+        if let Some(t) = map.get(tenant_id) {
+            return Ok(t.clone());
         }
-        let dir = state
-            .config
-            .data_dir
-            .join("index")
-            .join(safe_segment(tenant_id));
-        let ix = match SearchIndex::open(&dir, state.morph.clone()) {
-            Ok(ix) => Arc::new(ix),
+        let dir = index_dir(&state.config.data_dir, tenant_id);
+        let (ix, cursor) = match SearchIndex::open(&dir, state.morph.clone()) {
+            Ok(ix) => (ix, crate::index_feed::read_cursor(&dir)),
             Err(search::SearchError::OldSchema) => {
                 // Made by an earlier version: start afresh and fill it from the passages
                 // in the database (searches find less until that is done).
                 tracing::warn!(tenant = %tenant_id, "the search index is from an earlier version; rebuilding it");
                 std::fs::remove_dir_all(&dir).map_err(|e| AppError::Internal(e.to_string()))?;
-                let ix = Arc::new(
-                    SearchIndex::open(&dir, state.morph.clone())
-                        .map_err(|e| AppError::Internal(e.to_string()))?,
-                );
-                let (store, tenant, fresh) =
-                    (state.store.clone(), tenant_id.to_string(), ix.clone());
-                tokio::spawn(async move {
-                    match rebuild_index(&store, &tenant, fresh).await {
-                        Ok(n) => {
-                            tracing::info!(tenant = %tenant, passages = n, "search index rebuilt")
-                        }
-                        Err(e) => {
-                            tracing::error!(tenant = %tenant, error = %e, "could not rebuild the search index")
-                        }
-                    }
-                });
-                ix
+                let ix = SearchIndex::open(&dir, state.morph.clone())
+                    .map_err(|e| AppError::Internal(e.to_string()))?;
+                (ix, None)
             }
             Err(e) => return Err(AppError::Internal(e.to_string())),
         };
-        map.insert(tenant_id.to_string(), ix.clone());
-        Ok(ix)
+        let t = Arc::new(TenantIndex::new(ix, dir));
+        map.insert(tenant_id.to_string(), t.clone());
+        let (state, tenant, fresh) = (state.clone(), tenant_id.to_string(), t.clone());
+        tokio::spawn(async move { prepare(&state, &tenant, &fresh, cursor).await });
+        Ok(t)
+    }
+
+    /// The indexes open on this node.
+    pub fn open(&self) -> Vec<(String, Arc<TenantIndex>)> {
+        self.0
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Applies at once what changed in the tenant's passages (after this node's own
+    /// writes), waiting for an application already running.
+    pub async fn follow_now(&self, state: &Shared, tenant_id: &str) {
+        let Ok(t) = self.tenant(state, tenant_id) else {
+            return;
+        };
+        if let Err(e) = crate::index_feed::follow(state, tenant_id, &t, true).await {
+            tracing::warn!(tenant = %tenant_id, error = %e, "could not bring the search index in step");
+        }
     }
 
     /// Forgets a tenant's index (before its directory is removed).
@@ -88,6 +98,39 @@ impl Indexes {
         if let Ok(mut m) = self.0.lock() {
             m.remove(tenant_id);
         }
+    }
+}
+
+/// Decides whether a newly opened index can follow the log from where it got, and
+/// rebuilds it from the database when not; then lets it follow.
+async fn prepare(state: &Shared, tenant: &str, t: &TenantIndex, cursor: Option<i64>) {
+    let mut feed = t.feed.lock().await;
+    let tail = match state.store.index_tail(tenant).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(tenant = %tenant, error = %e, "index log unreadable; the index follows from where it was");
+            drop(feed);
+            t.ready.send_replace(true);
+            return;
+        }
+    };
+    match cursor {
+        // The log still holds everything after the cursor.
+        Some(c) if tail == 0 || c + 1 >= tail => feed.cursor = c,
+        _ => match rebuild_index(&state.store, tenant, t.ix.clone(), &t.dir).await {
+            Ok((n, head)) => {
+                feed.cursor = head;
+                tracing::info!(tenant = %tenant, passages = n, "search index rebuilt from the database");
+            }
+            Err(e) => {
+                tracing::error!(tenant = %tenant, error = %e, "could not rebuild the search index");
+            }
+        },
+    }
+    drop(feed);
+    t.ready.send_replace(true);
+    if let Err(e) = crate::index_feed::follow(state, tenant, t, true).await {
+        tracing::warn!(tenant = %tenant, error = %e, "could not bring the search index in step");
     }
 }
 
@@ -143,13 +186,21 @@ pub fn index_dir(data_dir: &std::path::Path, tenant_id: &str) -> PathBuf {
     data_dir.join("index").join(safe_segment(tenant_id))
 }
 
-/// Rebuilds a tenant's index from the passages in the database (after an import, or as
-/// repair). `ix` must be the tenant's index.
+/// Rebuilds a tenant's index from the passages in the database (after an import, for a
+/// new node, or as repair) and records that it follows the index log from the change
+/// that was newest before it started. `ix` must be the tenant's index in `dir`.
+/// Returns (passages indexed, the change it follows from).
 pub async fn rebuild_index(
     store: &storage::Store,
     tenant_id: &str,
     ix: Arc<SearchIndex>,
-) -> Result<usize, String> {
+    dir: &std::path::Path,
+) -> Result<(usize, i64), String> {
+    // Read first: a change made while rebuilding is applied again afterwards (harmless).
+    let head = store
+        .index_head(tenant_id)
+        .await
+        .map_err(|e| e.to_string())?;
     let rows = store
         .all_passages(tenant_id)
         .await
@@ -157,39 +208,36 @@ pub async fn rebuild_index(
     let docs: Vec<ChunkDoc> = rows
         .into_iter()
         .map(
-            |(chunk_id, document_id, collection_id, heading, text)| ChunkDoc {
-                chunk_id,
-                document_id,
-                collection_id,
-                text: search_text(&format!("{}\n{}", heading.unwrap_or_default(), text)),
+            |(chunk_id, document_id, collection_id, heading, text, name)| {
+                crate::index_feed::passage_doc(
+                    chunk_id,
+                    document_id,
+                    collection_id,
+                    &name,
+                    heading.as_deref(),
+                    &text,
+                )
             },
         )
         .collect();
     let n = docs.len();
-    tokio::task::spawn_blocking(move || -> Result<(), search::SearchError> {
-        ix.clear()?;
-        ix.add(&docs)?;
-        ix.commit()
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        ix.clear().map_err(|e| e.to_string())?;
+        ix.add(&docs).map_err(|e| e.to_string())?;
+        ix.commit().map_err(|e| e.to_string())?;
+        crate::index_feed::write_cursor(&dir, head).map_err(|e| e.to_string())
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    Ok(n)
+    .map_err(|e| e.to_string())??;
+    Ok((n, head))
 }
 
 /// Removes a document's file (unless another document has the same content) and its
 /// index entries.
 pub async fn forget_document(state: &Shared, d: &KbDocument) -> AppResult<()> {
-    let ix = state.indexes.get(state, &d.tenant_id)?;
-    let id = d.id.clone();
-    tokio::task::spawn_blocking(move || {
-        ix.delete_document(&id)?;
-        ix.commit()
-    })
-    .await
-    .map_err(|e| AppError::Internal(e.to_string()))?
-    .map_err(|e| AppError::Internal(e.to_string()))?;
-    crate::knowledge_vectors::sync_document(state, &d.tenant_id, &d.id).await;
+    // The deletion is in the index log: applying it takes the entries out.
+    state.indexes.follow_now(state, &d.tenant_id).await;
     if !state.store.blob_in_use(&d.tenant_id, &d.sha256).await? {
         let _ = tokio::fs::remove_file(blob_path(state, &d.tenant_id, &d.sha256)).await;
     }
@@ -204,21 +252,15 @@ pub async fn forget_collection(
     collection_id: &str,
     docs: &[KbDocument],
 ) -> AppResult<()> {
-    let ix = state.indexes.get(state, tenant_id)?;
-    let id = collection_id.to_string();
-    tokio::task::spawn_blocking(move || {
-        ix.delete_collection(&id)?;
-        ix.commit()
-    })
-    .await
-    .map_err(|e| AppError::Internal(e.to_string()))?
-    .map_err(|e| AppError::Internal(e.to_string()))?;
+    // The deletion is in the index log: applying it takes the entries out.
+    let _ = collection_id;
+    state.indexes.follow_now(state, tenant_id).await;
     for d in docs {
-        crate::knowledge_vectors::sync_document(state, tenant_id, &d.id).await;
         if !state.store.blob_in_use(tenant_id, &d.sha256).await? {
             let _ = tokio::fs::remove_file(blob_path(state, tenant_id, &d.sha256)).await;
         }
     }
+    state.indexes.follow_now(state, tenant_id).await;
     Ok(())
 }
 
@@ -510,20 +552,23 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
     }
     let docs: Vec<ChunkDoc> = chunks
         .iter()
-        .map(|c| ChunkDoc {
-            chunk_id: c.id.clone(),
-            document_id: d.id.clone(),
-            collection_id: d.collection_id.clone(),
-            text: search_text(&format!(
-                "{}\n{}\n{}",
-                d.name,
-                c.heading.as_deref().unwrap_or(""),
-                c.text
-            )),
+        .map(|c| {
+            crate::index_feed::passage_doc(
+                c.id.clone(),
+                d.id.clone(),
+                d.collection_id.clone(),
+                &d.name,
+                c.heading.as_deref(),
+                &c.text,
+            )
         })
         .collect();
-    let ix = state.indexes.get(state, &d.tenant_id).map_err(retry)?;
-    let doc_id = d.id.clone();
+    // Indexed before it is marked ready, so ready means searchable here at once; other
+    // nodes follow the index log. Done under the index's feed lock so that a rebuild
+    // starting on first use cannot clear it away.
+    let t = state.indexes.tenant(state, &d.tenant_id).map_err(retry)?;
+    let guard = t.prepared().await;
+    let (ix, doc_id) = (t.ix.clone(), d.id.clone());
     tokio::task::spawn_blocking(move || -> Result<(), search::SearchError> {
         // A retry first takes out what an earlier attempt may have put in.
         ix.delete_document(&doc_id)?;
@@ -533,6 +578,7 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
     .await
     .map_err(retry)?
     .map_err(retry)?;
+    drop(guard);
     let (status, note) = if missing_ocr {
         (
             "needs_ocr",
@@ -560,6 +606,8 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
             .map_err(retry)?;
         state.ingest.notify_one();
     }
-    crate::knowledge_vectors::sync_document(state, &d.tenant_id, &d.id).await;
+    // Made searchable here before it was marked ready; following the log now only
+    // confirms it (and picks up anything else that changed).
+    state.indexes.follow_now(state, &d.tenant_id).await;
     Ok(())
 }

@@ -229,6 +229,24 @@ pub async fn sync_document(state: &Shared, tenant_id: &str, document_id: &str) {
     }
 }
 
+/// Drops a deleted collection's vectors from the tenant's set.
+pub fn forget_collection(state: &Shared, tenant_id: &str, collection_id: &str) {
+    let Ok(mut m) = state.vectors.0.lock() else {
+        return;
+    };
+    match m.get(tenant_id) {
+        Some(Slot::Ready(set)) if set.delete_collection(collection_id).is_err() => {
+            m.remove(tenant_id);
+        }
+        Some(Slot::Ready(_)) => {}
+        // Loading: read again once this load is done.
+        Some(Slot::Loading { .. }) => {
+            m.remove(tenant_id);
+        }
+        None => {}
+    }
+}
+
 /// The nearest passages to `question` in `collections`, or `None` when vectors cannot
 /// help: no embedding model, a collection above its class, the set still loading, or the
 /// model failing (logged; BM25 answers alone).
@@ -297,7 +315,7 @@ pub async fn run_embed_job(state: &Shared, job: &storage::Job) -> Result<(), Str
         None => {
             return state
                 .store
-                .finish_embed(job, "", &[])
+                .finish_embed(job, "", &[], state.now())
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -310,7 +328,7 @@ pub async fn run_embed_job(state: &Shared, job: &storage::Job) -> Result<(), Str
     if !e.may_receive(c.classification) {
         return state
             .store
-            .finish_embed(job, &e.embedder.key(), &[])
+            .finish_embed(job, &e.embedder.key(), &[], state.now())
             .await
             .map_err(|e| e.to_string());
     }
@@ -327,9 +345,9 @@ pub async fn run_embed_job(state: &Shared, job: &storage::Job) -> Result<(), Str
     let rows: Vec<(String, Vec<u8>)> = chunks.into_iter().map(|c| c.0).zip(vectors).collect();
     state
         .store
-        .finish_embed(job, &e.embedder.key(), &rows)
+        .finish_embed(job, &e.embedder.key(), &rows, state.now())
         .await
         .map_err(|e| e.to_string())?;
-    sync_document(state, &job.tenant_id, &d.id).await;
+    state.indexes.follow_now(state, &job.tenant_id).await;
     Ok(())
 }

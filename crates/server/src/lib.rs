@@ -19,6 +19,7 @@ pub mod error;
 pub mod eval;
 pub mod eval_web;
 pub mod form;
+pub mod index_feed;
 pub mod knowledge;
 pub mod knowledge_vectors;
 pub mod knowledge_web;
@@ -202,6 +203,7 @@ pub async fn serve(
     use axum::serve::ListenerExt;
     local_models::offer_first_run(&state, &state.default_tenant_id.clone()).await;
     let worker = knowledge::spawn_worker(state.clone());
+    let follower = index_feed::spawn(state.clone());
     let app = app::router(state);
     // Without TCP_NODELAY the first small delta after the response headers waits for the
     // client's delayed ACK (about 40 ms on Linux): streamed text must go out at once.
@@ -217,5 +219,6 @@ pub async fn serve(
     .with_graceful_shutdown(shutdown)
     .await;
     worker.abort();
+    follower.abort();
     served
 }

@@ -317,13 +317,14 @@ pub async fn import(
     .map_err(|e| e.to_string())??;
     // Its index, from the passages just stored (the tenant is new here: nobody has it open).
     let dir = crate::knowledge::index_dir(data_dir, &m.tenant_id);
+    let open_dir = dir.clone();
     let ix = std::sync::Arc::new(
-        tokio::task::spawn_blocking(move || search::SearchIndex::open(&dir, morph))
+        tokio::task::spawn_blocking(move || search::SearchIndex::open(&open_dir, morph))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?,
     );
-    crate::knowledge::rebuild_index(store, &m.tenant_id, ix).await?;
+    crate::knowledge::rebuild_index(store, &m.tenant_id, ix, &dir).await?;
     Ok((m, counts))
 }
 

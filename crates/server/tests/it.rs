@@ -6125,3 +6125,121 @@ async fn an_embedding_model_finds_paraphrases_and_never_receives_documents_above
     s.stop().await;
     fake.stop().await;
 }
+
+/// Polls `search_names` on one node until `want` holds (other nodes' changes arrive with
+/// the index log, every two seconds).
+async fn eventually_found(
+    c: &Client,
+    q: &str,
+    kb: &str,
+    want: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        names = search_names(c, q, kb).await;
+        if want(&names) {
+            return names;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("not found in time: {names:?}");
+}
+
+#[tokio::test]
+async fn several_nodes_over_one_database_find_the_same_documents() {
+    let s = chat_server().await;
+    let b = s.another_node().await;
+    let a = admin(&s).await;
+    let (dadmin, _) = s
+        .signed_in("shimin.kanri", "市民部/市民課", Role::DepartmentAdmin)
+        .await;
+    // The same account through the other node (sessions live in the database).
+    let on_b = b.client();
+    assert_eq!(on_b.login("shimin.kanri", PASSWORD).await.0, StatusCode::OK);
+    let shimin = dept_id(&a, "市民部/市民課").await;
+    let kb = new_collection(&dadmin, &shimin, "窓口の手引き", "2").await;
+    let (st, _) = upload(
+        &dadmin,
+        &kb,
+        &[(
+            "印鑑登録.txt",
+            "印鑑登録証明書は、本人または代理人が窓口で請求できます。"
+                .as_bytes()
+                .to_vec(),
+        )],
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    ingested(&dadmin, &kb).await;
+    let has = |n: &'static str| move |names: &[String]| names.iter().any(|x| x == n);
+    // Whichever node ingested it, both find it.
+    eventually_found(&dadmin, "印鑑登録証明書", &kb, has("印鑑登録.txt")).await;
+    eventually_found(&on_b, "印鑑登録証明書", &kb, has("印鑑登録.txt")).await;
+    // Deleted through one node: gone from the other.
+    let docs = ingested(&dadmin, &kb).await;
+    let id = docs[0]["id"].as_str().unwrap().to_string();
+    let r = on_b
+        .post_form(&format!("/knowledge/documents/{id}/delete"), &[])
+        .await;
+    assert!(r.status().is_redirection(), "{}", r.status());
+    eventually_found(&dadmin, "印鑑登録証明書", &kb, |n| n.is_empty()).await;
+    // A node that joins later builds its index from the database.
+    let (st, _) = upload(
+        &dadmin,
+        &kb,
+        &[(
+            "転入届.txt",
+            "転入届は、転入した日から14日以内に提出します。"
+                .as_bytes()
+                .to_vec(),
+        )],
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    ingested(&dadmin, &kb).await;
+    let c = s.another_node().await;
+    let on_c = c.client();
+    assert_eq!(on_c.login("shimin.kanri", PASSWORD).await.0, StatusCode::OK);
+    eventually_found(&on_c, "転入届の期限", &kb, has("転入届.txt")).await;
+    assert!(search_names(&on_c, "印鑑登録証明書", &kb).await.is_empty());
+    // Each node keeps where it got in the log beside its own index.
+    let feed = c
+        .data_dir
+        .join("index")
+        .join(s.tenant_id())
+        .join("feed.json");
+    assert!(std::fs::read_to_string(&feed).unwrap().contains("\"seq\""));
+    // The department is disposed of (S16) through one node: its knowledge leaves every
+    // node's index.
+    let r = a
+        .post_form(
+            "/admin/disposal/department",
+            &[
+                ("department_id", &shimin),
+                ("confirm", "市民部/市民課"),
+                ("reason", "組織改編"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let (st, _) = a.get_text(&format!("/knowledge/{kb}")).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let on_c_admin = c.client();
+    assert_eq!(
+        on_c_admin.login("admin01", PASSWORD).await.0,
+        StatusCode::OK
+    );
+    for node in [&b, &c] {
+        let ix = node.state.indexes.get(&node.state, s.tenant_id()).unwrap();
+        for _ in 0..100 {
+            if ix.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(ix.is_empty(), "{} passages left", ix.len());
+    }
+    c.stop().await;
+    b.stop().await;
+    s.stop().await;
+}

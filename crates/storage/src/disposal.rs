@@ -477,6 +477,9 @@ impl Store {
             purge_user(&mut tx, tenant_id, u, login, &mut tally).await?;
         }
         for (d, _) in &depts {
+            purge_department_knowledge(&mut tx, tenant_id, d, now, &mut tally).await?;
+        }
+        for (d, _) in &depts {
             let scope = format!("d:{d}");
             t_add_dept(&mut tx, tenant_id, d, &scope, &mut tally).await?;
         }
@@ -638,6 +641,7 @@ impl Store {
             ("モデル・接続先の設定", "DELETE FROM llm_providers WHERE tenant_id = $1".into()),
             ("アラート", "DELETE FROM alerts WHERE tenant_id = $1".into()),
             ("ナレッジの検索用ベクトル", "DELETE FROM kb_vectors WHERE tenant_id = $1".into()),
+            ("ナレッジの検索用ベクトル", "DELETE FROM kb_index_log WHERE tenant_id = $1".into()),
             ("ナレッジの文書の本文と区切り", "DELETE FROM kb_chunks WHERE tenant_id = $1".into()),
             ("ナレッジの文書の本文と区切り", "DELETE FROM kb_pages WHERE tenant_id = $1".into()),
             ("ナレッジの処理待ち", "DELETE FROM jobs WHERE tenant_id = $1".into()),
@@ -665,6 +669,8 @@ impl Store {
             .bind(tenant_id)
             .execute(&mut *tx)
             .await?;
+        // Every node's copy of the search index goes too (they follow the index log).
+        crate::index_log::log_change(&mut tx, tenant_id, "", "", "disposed", now).await?;
         self.finish_disposal(&mut tx, id, &tally, Some(approver), Some(key), now)
             .await?;
         append(
@@ -723,6 +729,65 @@ impl Store {
             }
         }
     }
+}
+
+/// A department's knowledge collections with their documents, pages, passages, vectors
+/// and jobs (the files go after commit, with each node's index entries, which follow the
+/// index log).
+async fn purge_department_knowledge(
+    conn: &mut AnyConnection,
+    tenant: &str,
+    dept: &str,
+    now: i64,
+    t: &mut Tally,
+) -> Result<()> {
+    let ids: Vec<String> =
+        sqlx::query("SELECT id FROM collections WHERE tenant_id = $1 AND department_id = $2")
+            .bind(tenant)
+            .bind(dept)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| get_str(r, "id"))
+            .collect::<Result<_>>()?;
+    let docs_of = "(SELECT id FROM kb_documents WHERE collection_id = $2)";
+    for c in &ids {
+        for (label, sql) in [
+            (
+                "ナレッジの検索用ベクトル",
+                "DELETE FROM kb_vectors WHERE tenant_id = $1 AND collection_id = $2".to_string(),
+            ),
+            (
+                "ナレッジの文書の本文と区切り",
+                "DELETE FROM kb_chunks WHERE tenant_id = $1 AND collection_id = $2".to_string(),
+            ),
+            (
+                "ナレッジの文書の本文と区切り",
+                format!("DELETE FROM kb_pages WHERE tenant_id = $1 AND document_id IN {docs_of}"),
+            ),
+            (
+                "ナレッジの処理待ち",
+                format!("DELETE FROM jobs WHERE tenant_id = $1 AND target_id IN {docs_of}"),
+            ),
+            (
+                "ナレッジの文書",
+                "DELETE FROM kb_documents WHERE tenant_id = $1 AND collection_id = $2".to_string(),
+            ),
+            (
+                "ナレッジ",
+                "DELETE FROM collection_members WHERE tenant_id = $1 AND collection_id = $2"
+                    .to_string(),
+            ),
+            (
+                "ナレッジ",
+                "DELETE FROM collections WHERE tenant_id = $1 AND id = $2".to_string(),
+            ),
+        ] {
+            t.add(label, exec(conn, &sql, &[tenant, c]).await?);
+        }
+        crate::index_log::log_change(conn, tenant, "", c, "collection", now).await?;
+    }
+    Ok(())
 }
 
 async fn t_add_dept(

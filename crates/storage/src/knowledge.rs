@@ -5,6 +5,7 @@
 //! transaction that stores its passages, so it is never ready half-indexed.
 
 use crate::audit::{append, AuditEvent};
+use crate::index_log::log_change;
 use crate::{
     conflict_on_unique, exec, get_i64, get_opt_i64, get_opt_str, get_str, Result, StorageError,
     Store,
@@ -302,6 +303,7 @@ impl Store {
         audit: AuditEvent,
     ) -> Result<Vec<KbDocument>> {
         let docs = self.documents(tenant_id, id).await?;
+        let audit_at = audit.at_ms;
         let mut tx = self.write_tx().await?;
         // Passages, pages and jobs of its documents, the documents, then the collection.
         let docs_of = "(SELECT id FROM kb_documents WHERE collection_id = $2)";
@@ -331,6 +333,7 @@ impl Store {
             ),
         )
         .await?;
+        log_change(&mut tx, tenant_id, "", id, "collection", audit_at).await?;
         tx.commit().await?;
         Ok(docs)
     }
@@ -445,6 +448,7 @@ impl Store {
         audit: AuditEvent,
     ) -> Result<KbDocument> {
         let d = self.document(tenant_id, id).await?;
+        let audit_at = audit.at_ms;
         let mut tx = self.write_tx().await?;
         for sql in [
             "DELETE FROM kb_chunks WHERE tenant_id = $1 AND document_id = $2",
@@ -461,6 +465,15 @@ impl Store {
                 format!("document:{id}"),
                 serde_json::json!({"collection_id": d.collection_id, "name": d.name}),
             ),
+        )
+        .await?;
+        log_change(
+            &mut tx,
+            tenant_id,
+            id,
+            &d.collection_id,
+            "document",
+            audit_at,
         )
         .await?;
         tx.commit().await?;
@@ -653,6 +666,15 @@ impl Store {
         .bind(&job.id)
         .execute(&mut *tx)
         .await?;
+        log_change(
+            &mut tx,
+            &d.tenant_id,
+            &d.id,
+            &d.collection_id,
+            "document",
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -731,13 +753,14 @@ impl Store {
         Ok((get_str(&r, "text")?, get_i64(&r, "ocr")? != 0))
     }
 
-    /// All passages of ready documents of the tenant, for rebuilding its index.
+    /// All passages of ready documents of the tenant, for rebuilding its index: (chunk,
+    /// document, collection, heading, text, document name).
     pub async fn all_passages(
         &self,
         tenant_id: &str,
-    ) -> Result<Vec<(String, String, String, Option<String>, String)>> {
+    ) -> Result<Vec<(String, String, String, Option<String>, String, String)>> {
         sqlx::query(
-            "SELECT c.id, c.document_id, c.collection_id, c.heading, c.text FROM kb_chunks c \
+            "SELECT c.id, c.document_id, c.collection_id, c.heading, c.text, d.name FROM kb_chunks c \
              JOIN kb_documents d ON d.id = c.document_id WHERE c.tenant_id = $1 AND d.status IN ('ready', 'needs_ocr') ORDER BY c.document_id, c.seq",
         )
         .bind(tenant_id)
@@ -751,6 +774,7 @@ impl Store {
                 get_str(r, "collection_id")?,
                 get_opt_str(r, "heading")?,
                 get_str(r, "text")?,
+                get_str(r, "name")?,
             ))
         })
         .collect()

@@ -15,6 +15,7 @@ mod departments;
 mod disposal;
 mod exchange;
 mod imports;
+mod index_log;
 mod knowledge;
 mod logs;
 mod migrate;
@@ -36,6 +37,7 @@ pub use departments::Department;
 pub use disposal::{Disposal, Operator, REQUEST_VALID_MS};
 pub use exchange::{ExportItem, EXPORT_TABLES, IMPORT_END};
 pub use imports::{ImportOutcome, PendingImport};
+pub use index_log::IndexChange;
 pub use knowledge::{
     Collection, CollectionInput, Job, KbDocument, NewChunk, NewDocument, NewPage, Passage,
 };

@@ -164,6 +164,7 @@ impl Store {
             }
             None => serde_json::json!({"removed": true}),
         };
+        crate::index_log::log_change(&mut tx, tenant_id, "", "", "embedder", now).await?;
         append(
             &mut tx,
             &audit.with(
@@ -242,6 +243,7 @@ impl Store {
         job: &crate::Job,
         model: &str,
         vectors: &[(String, Vec<u8>)],
+        now: i64,
     ) -> Result<()> {
         let d = self.document(&job.tenant_id, &job.target_id).await?;
         let mut tx = self.write_tx().await?;
@@ -266,6 +268,15 @@ impl Store {
             .bind(&job.id)
             .execute(&mut *tx)
             .await?;
+        crate::index_log::log_change(
+            &mut tx,
+            &d.tenant_id,
+            &d.id,
+            &d.collection_id,
+            "vectors",
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }

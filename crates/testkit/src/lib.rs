@@ -116,6 +116,35 @@ impl TestServer {
         self.task = Some(task);
     }
 
+    /// A second app node over the same database and stored files, with a data directory
+    /// (and so search indexes) of its own and the same clock: what a load balancer would
+    /// send requests to.
+    /// Stop it before the first node.
+    pub async fn another_node(&self) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = (*self.state.config).clone();
+        config.database_url = server::config::Secret(self.state.config.database_url());
+        config.data_dir = dir.path().join("data");
+        let data_dir = config.data_dir.clone();
+        // The stored files are on a mount every node shares (as they would be on NFS or
+        // in object storage); the search indexes are each node's own.
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let files = self.data_dir.join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        std::os::unix::fs::symlink(&files, data_dir.join("files")).unwrap();
+        let (url, state, tx, task) = Self::launch(config, self.clock.clone()).await;
+        TestServer {
+            url,
+            pg: None,
+            state,
+            clock: self.clock.clone(),
+            data_dir,
+            _dir: dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
