@@ -62,6 +62,13 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0010_knowledge.sql"),
         postgres: include_str!("../migrations/postgres/0010_knowledge.sql"),
     },
+    // Version 11 is taken by another change on the main line; versions apply by number,
+    // so a database that has 12 before 11 gets 11 when it arrives.
+    Migration {
+        version: 12,
+        sqlite: include_str!("../migrations/sqlite/0012_tenant_keys.sql"),
+        postgres: include_str!("../migrations/postgres/0012_tenant_keys.sql"),
+    },
 ];
 
 /// The newest schema this binary knows.
