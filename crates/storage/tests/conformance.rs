@@ -1471,6 +1471,14 @@ async fn files_are_sealed_per_tenant_and_shredded_with_their_keys() {
             blobs.read(&t1.id, &name).await,
             Err(StorageError::Integrity(_))
         ));
+        // The same content uploaded again later (the registration stays): a new key, and
+        // the unreadable copy is replaced rather than reused.
+        assert!(blobs
+            .put_file(&t1.id, &name, &src, ev_t(&t1.id))
+            .await
+            .unwrap());
+        assert_eq!(key_rows(s, &t1.id).await, 1, "{b}");
+        assert_eq!(blobs.read(&t1.id, &name).await.unwrap(), plain.as_bytes());
         blobs.remove_tenant(&t1.id).await.unwrap();
         assert!(objects.list(&t1.id).unwrap().is_empty());
         assert!(!objects.list(&t2.id).unwrap().is_empty());

@@ -313,6 +313,14 @@ impl Store {
         self.tenant_keys(tenant_id, master).await
     }
 
+    /// How many tenant keys there are (whether a master key must already exist).
+    pub async fn tenant_key_count(&self) -> Result<i64> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM tenant_keys")
+            .fetch_one(&self.pool)
+            .await?;
+        get_i64(&r, "n")
+    }
+
     /// Unwraps every tenant key with `master`, so a start with the wrong master key stops
     /// with a clear message instead of failing on each file. Returns how many there are.
     pub async fn verify_tenant_keys(&self, master: &MasterKey) -> Result<u64> {

@@ -164,8 +164,8 @@ impl BlobStore {
     }
 
     /// Seals the file at `src` into the store as `name` (its SHA-256) for the tenant, unless
-    /// the tenant has it already. `by` is who stores it, for the record of a key made now.
-    /// Returns whether it was written.
+    /// the tenant has it already in a form its keys open. `by` is who stores it, for the
+    /// record of a key made now. Returns whether it was written.
     pub async fn put_file(
         &self,
         tenant_id: &str,
@@ -173,26 +173,24 @@ impl BlobStore {
         src: &Path,
         by: AuditEvent,
     ) -> Result<bool> {
-        let (objects, t, n) = (
-            self.objects.clone(),
-            tenant_id.to_string(),
-            name.to_string(),
-        );
-        if tokio::task::spawn_blocking(move || objects.exists(&t, &n))
-            .await
-            .map_err(blocking_failed)??
-        {
-            return Ok(false);
-        }
         let keys = self.keys_for_writing(tenant_id, Some(by)).await?;
         let (this, n, src) = (self.clone(), name.to_string(), src.to_path_buf());
-        tokio::task::spawn_blocking(move || -> Result<u64> {
+        tokio::task::spawn_blocking(move || -> Result<bool> {
+            if this.objects.exists(keys.tenant_id(), &n)? {
+                // The same content is there. A copy sealed with a key that is gone (left
+                // behind by a disposal that could not remove it) is replaced, not reused.
+                match this.open_sync(&keys, &n) {
+                    Ok(_) => return Ok(false),
+                    Err(StorageError::Integrity(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             let mut f = std::fs::File::open(&src)?;
-            this.put_sync(&keys, &n, &mut f)
+            this.put_sync(&keys, &n, &mut f)?;
+            Ok(true)
         })
         .await
-        .map_err(blocking_failed)??;
-        Ok(true)
+        .map_err(blocking_failed)?
     }
 
     /// The whole plaintext of a stored file (for extraction, which needs it in memory).
