@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod csvout;
 pub mod disposal_web;
+pub mod encryption;
 pub mod error;
 pub mod eval;
 pub mod eval_web;
@@ -115,6 +116,9 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
             );
         }
     }
+    let blobs = encryption::open(&config, &store, clock.clone(), true)
+        .await
+        .map_err(StartError::Other)?;
     let cost = config.hash_cost();
     let dummy_hash = tokio::task::spawn_blocking(move || {
         domain::password::hash(&domain::ids::random_token(16), cost)
@@ -137,6 +141,7 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         .unwrap_or(2);
     Ok(Arc::new(AppState {
         store,
+        blobs,
         clock,
         config: Arc::new(config),
         default_tenant_id,
@@ -198,6 +203,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     local_models::offer_first_run(&state, &state.default_tenant_id.clone()).await;
+    encryption::clear_work_area(
+        &state.config,
+        state.store.backend() == storage::Backend::Sqlite,
+    );
+    let sealing = encryption::spawn_legacy_sealing(state.clone());
     let worker = knowledge::spawn_worker(state.clone());
     let app = app::router(state);
     // Without TCP_NODELAY the first small delta after the response headers waits for the
@@ -214,5 +224,6 @@ pub async fn serve(
     .with_graceful_shutdown(shutdown)
     .await;
     worker.abort();
+    sealing.abort();
     served
 }
