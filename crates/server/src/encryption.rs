@@ -148,9 +148,10 @@ pub async fn open(
     ))
 }
 
-/// Removes what a process that stopped abruptly left in the work area (plaintext of
-/// uploads among it): everything when this process is the only one (SQLite), else what is
-/// older than a day.
+/// Removes what a process that stopped abruptly left in the work area: the service's own
+/// staged uploads and OCR copies (plaintext) when it is the only service process (SQLite),
+/// and anything older than a day. Files another command may be sealing right now
+/// (`seal-…`, ciphertext) are left to age.
 pub fn clear_work_area(config: &Config, only_process: bool) {
     let Ok(entries) = std::fs::read_dir(work_dir(config)) else {
         return;
@@ -164,7 +165,11 @@ pub fn clear_work_area(config: &Config, only_process: bool) {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > day);
-        if (only_process || old) && std::fs::remove_file(e.path()).is_ok() {
+        let ours = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("upload-") || n.starts_with("ocr-"));
+        if ((only_process && ours) || old) && std::fs::remove_file(e.path()).is_ok() {
             removed += 1;
         }
     }
@@ -337,5 +342,30 @@ mod tests {
             "{e}"
         );
         store.close().await;
+    }
+
+    #[test]
+    fn the_work_area_loses_what_a_stopped_service_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let work = work_dir(&config);
+        std::fs::create_dir_all(&work).unwrap();
+        for n in ["upload-a1", "ocr-b2.pdf", "seal-c3"] {
+            std::fs::write(work.join(n), "x").unwrap();
+        }
+        // Several processes (PostgreSQL): only what is old goes.
+        clear_work_area(&config, false);
+        assert_eq!(std::fs::read_dir(&work).unwrap().count(), 3);
+        // The only process: its own plaintext goes; a sealing another command may be doing
+        // now stays.
+        clear_work_area(&config, true);
+        let left: Vec<_> = std::fs::read_dir(&work)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["seal-c3"]);
     }
 }
