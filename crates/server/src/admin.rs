@@ -1087,6 +1087,8 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("department.delete", "部署削除"),
     ("settings.update", "設定変更"),
     ("tenant.create", "自治体の作成"),
+    ("tenant_key.create", "保存ファイルの暗号鍵の作成"),
+    ("files.encrypt", "以前の版の保存ファイルの暗号化"),
     ("audit.export", "監査ログの出力"),
     ("request.denied", "権限のない操作（拒否）"),
     ("request.csrf_rejected", "不正な送信（拒否）"),

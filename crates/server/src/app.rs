@@ -74,6 +74,8 @@ pub struct Catalog {
 
 pub struct AppState {
     pub store: Store,
+    /// Uploaded files, sealed per tenant (see `encryption`).
+    pub blobs: storage::BlobStore,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<Config>,
     pub default_tenant_id: String,

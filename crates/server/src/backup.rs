@@ -1,8 +1,11 @@
 //! `yakuba backup` and `yakuba restore` (M7, S17) for the embedded SQLite deployment.
 //!
 //! A backup is a directory: `yakuba.db` (a consistent snapshot taken with `VACUUM INTO`
-//! while the service runs), `files/` (the stored files, when there are any) and
-//! `manifest.json` with the size and SHA-256 of each file. It is written under a
+//! while the service runs), `files/` (the stored files as they are on disk, sealed with the
+//! tenants' keys; not the work area `files/tmp`) and `manifest.json` with the size and
+//! SHA-256 of each file. The tenants' keys travel in the database, wrapped by the master
+//! key, which is **not** in the backup: a restore elsewhere needs the same master key
+//! (`storage.master_key_file`, or `<data_dir>/keys/master.key`). It is written under a
 //! `.partial` name and renamed when complete, so a crash never leaves something that looks
 //! like a backup. A restore checks every hash and SQLite's integrity check on a staged copy
 //! before it touches the data directory, and moves the data it replaces aside instead of
@@ -75,7 +78,11 @@ pub fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
 }
 
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    for rel in list_files(from)? {
+    // The work area holds uploads in flight (plaintext) and half-written files.
+    for rel in list_files(from)?
+        .into_iter()
+        .filter(|r| !r.starts_with("tmp/"))
+    {
         let dst = to.join(&rel);
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent)?;
@@ -297,6 +304,9 @@ pub async fn restore(config: &Config, src: &Path, force: bool, now: i64) -> Resu
             "\n置き換える前のデータは {} に退避しました。",
             aside.display()
         ));
+    }
+    if m.files.iter().any(|f| f.path.starts_with("files/")) {
+        out.push_str("\n保存ファイルは暗号化されたまま戻しました。読むには、バックアップ元と同じマスターキー（storage.master_key_file で指定したファイル、または data_dir/keys/master.key。バックアップには含まれません）が必要です。");
     }
     Ok(out)
 }

@@ -182,6 +182,12 @@ enum KnowledgeCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// 以前の版が暗号化せずに保存したファイルを、いま暗号化して結果を表示する（起動時にも自動で行います）
+    EncryptFiles {
+        /// 自治体の識別名（既定: すべての自治体）
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -284,6 +290,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 done.bytes,
                 done.schema_version
             );
+            println!("保存ファイルの暗号化に使うマスターキーは、バックアップに含まれません。バックアップとは別の安全な場所に保管してください（復元先でも同じマスターキーが必要です）。");
             Ok(ExitCode::SUCCESS)
         }
         Command::Model {
@@ -458,6 +465,16 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             println!("自治体「{}」の文書 {n}件を処理の待ち行列に入れました。稼働中のサービスが順に処理します。", t.name);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Knowledge {
+            command: KnowledgeCommand::EncryptFiles { tenant },
+        } => {
+            let (store, _) = crate::open_store(&config, clock.now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            let result = encrypt_files(&store, &config, clock.clone(), tenant.as_deref()).await;
+            store.close().await;
+            result
+        }
         Command::Export { out, tenant } => {
             let (store, _) = crate::open_store(&config, clock.now_ms())
                 .await
@@ -476,7 +493,13 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                     .await
                     .map_err(|e| e.to_string())?
             };
-            let result = crate::tenant_export::import(&store, &config.data_dir, &file, morph).await;
+            let result = match crate::encryption::open(&config, &store, clock.clone(), true).await {
+                Ok(blobs) => {
+                    crate::tenant_export::import(&store, &blobs, &config.data_dir, &file, morph)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             let verified = store.verify_audit().await.map_err(|e| e.to_string());
             store.close().await;
             let (m, counts) = result?;
@@ -504,15 +527,31 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let reports = store.verify_audit().await.map_err(|e| e.to_string())?;
+            // The tenants' keys came back with the database; only the master key that
+            // wrapped them opens them, and it is not in the backup.
+            let keys = match store.tenant_key_count().await.map_err(|e| e.to_string())? {
+                0 => Ok(()),
+                _ => crate::encryption::open(&config, &store, clock.clone(), false)
+                    .await
+                    .map(|_| ()),
+            };
             store.close().await;
             println!("{message}");
+            let mut code = ExitCode::SUCCESS;
             if reports.iter().all(|r| r.result.is_ok()) {
                 println!("監査ログのハッシュチェーンを検証しました。改ざんは見つかりません。");
-                Ok(ExitCode::SUCCESS)
             } else {
                 println!("注意: 監査ログの検証に失敗しました（yakuba audit verify で詳細を確認してください）。");
-                Ok(ExitCode::from(1))
+                code = ExitCode::from(1);
             }
+            match keys {
+                Ok(()) => println!("マスターキーで自治体の暗号鍵を開けることを確認しました。"),
+                Err(e) => {
+                    println!("注意: {e}");
+                    code = ExitCode::from(1);
+                }
+            }
+            Ok(code)
         }
         Command::Audit {
             command: AuditCommand::Verify,
@@ -572,7 +611,11 @@ async fn export_cli(
     let partial = PathBuf::from(partial);
     let file = std::fs::File::create(&partial)
         .map_err(|e| format!("{} を作成できません: {e}", partial.display()))?;
-    let m = match crate::tenant_export::export(store, &config.data_dir, &t, file, now).await {
+    let exported = match crate::encryption::open(config, store, Arc::new(SystemClock), true).await {
+        Ok(blobs) => crate::tenant_export::export(store, &blobs, &t, file, now).await,
+        Err(e) => Err(e),
+    };
+    let m = match exported {
         Ok((m, _)) => m,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
@@ -597,6 +640,51 @@ async fn export_cli(
         rows
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `yakuba knowledge encrypt-files`: seals what earlier versions stored in plaintext and
+/// says per tenant what it did; fails when a file could not be sealed.
+async fn encrypt_files(
+    store: &Store,
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    tenant: Option<&str>,
+) -> Result<ExitCode, String> {
+    let blobs = crate::encryption::open(config, store, clock.clone(), true).await?;
+    let tenants = match tenant {
+        Some(_) => vec![tenant_of(store, config, tenant).await?],
+        None => store.list_tenants().await.map_err(|e| e.to_string())?,
+    };
+    let now = clock.now_ms();
+    let reports =
+        crate::encryption::seal_legacy(&blobs, store, &tenants, |t| cli_event(t, now)).await;
+    let mut ok = true;
+    for (t, r) in tenants.iter().zip(reports) {
+        match r {
+            Ok(r) => {
+                println!(
+                    "自治体「{}」: 暗号化 {}件、暗号化済み {}件、失敗 {}件",
+                    t.name,
+                    r.sealed,
+                    r.already,
+                    r.failed.len()
+                );
+                for (name, why) in &r.failed {
+                    ok = false;
+                    println!("  失敗 {name}: {why}");
+                }
+            }
+            Err(e) => {
+                ok = false;
+                println!("自治体「{}」: 失敗 — {e}", t.name);
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn tenant_of(

@@ -1,6 +1,7 @@
 //! Configuration: defaults → `yakuba.toml` → `YAKUBA_*` environment (`__` for nesting) →
 //! command-line flags. An unknown key anywhere is an error that names it. Secrets may come
-//! from a file (`database_url_file`, `YAKUBA_DATABASE_URL_FILE`) and never print.
+//! from a file (`database_url_file`, `YAKUBA_DATABASE_URL_FILE`, `[storage]
+//! master_key_file`) and never print.
 
 use serde::Deserialize;
 use std::fmt;
@@ -49,6 +50,17 @@ pub struct Config {
     pub smtp: SmtpConfig,
     pub knowledge: KnowledgeConfig,
     pub local_model: LocalModelConfig,
+    pub storage: StorageConfig,
+}
+
+/// Files at rest (S15).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The master key that wraps each tenant's file key: 32 random bytes as 64 hex digits
+    /// or base64, usually from `master_key_file` (`YAKUBA_STORAGE__MASTER_KEY_FILE`). Empty:
+    /// `<data_dir>/keys/master.key`, made at the first start.
+    pub master_key: Secret,
 }
 
 /// Documents for the knowledge base (M8).
@@ -190,6 +202,7 @@ impl Default for Config {
             smtp: SmtpConfig::default(),
             knowledge: KnowledgeConfig::default(),
             local_model: LocalModelConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -395,7 +408,11 @@ fn set_path(table: &mut toml::Table, keys: &[String], v: toml::Value) -> Result<
 /// `<secret>_file = "/run/secrets/x"` becomes `<secret> = <contents of the file>`, at the
 /// top level (`database_url_file`) or in a section (`[smtp] password_file`).
 fn resolve_files(table: &mut toml::Table) -> Result<(), ConfigError> {
-    const SECRETS: &[(Option<&str>, &str)] = &[(None, "database_url"), (Some("smtp"), "password")];
+    const SECRETS: &[(Option<&str>, &str)] = &[
+        (None, "database_url"),
+        (Some("smtp"), "password"),
+        (Some("storage"), "master_key"),
+    ];
     for (section, key) in SECRETS {
         let t = match section {
             None => &mut *table,
@@ -517,6 +534,26 @@ mod tests {
         .unwrap();
         assert_eq!(c.smtp.password.expose(), "mail-secret");
         assert!(!format!("{c:?}").contains("mail-secret"));
+        // The master key of the files at rest, from a file named in the TOML.
+        let k = dir.path().join("master.key");
+        let hex = "0f".repeat(32);
+        std::fs::write(&k, format!("{hex}\n")).unwrap();
+        let f = dir.path().join("y.toml");
+        std::fs::write(
+            &f,
+            format!("[storage]\nmaster_key_file = \"{}\"\n", k.display()),
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.storage.master_key.expose(), hex);
+        assert!(!format!("{c:?}").contains(&hex));
+        let e = Config::load(
+            None,
+            env(&[("YAKUBA_STORAGE__MASTER_KEY_FILE", "/nonexistent/master.key")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/master.key"), "{e}");
     }
 
     #[test]

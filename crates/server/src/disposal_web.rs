@@ -257,9 +257,8 @@ async fn dispose_department(
         .await
     {
         Ok(d) => {
-            for (collection, docs) in &collections {
-                crate::knowledge::forget_collection(&state, &a.ctx.tenant.id, collection, docs)
-                    .await?;
+            for (_, docs) in &collections {
+                crate::knowledge::forget_collection(&state, &a.ctx.tenant.id, docs).await?;
             }
             state.catalogs.invalidate(&a.ctx.tenant.id);
             Ok(Redirect::to(&format!("/admin/disposal/{}", d.id)).into_response())

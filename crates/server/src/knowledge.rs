@@ -1,8 +1,10 @@
 //! Knowledge (M8): the file store, the tenants' search indexes, the ingestion worker and
 //! retrieval for chat.
 //!
-//! Files are kept by content hash under `<data_dir>/files/<tenant>/`, the index of each
-//! tenant under `<data_dir>/index/<tenant>/`. The worker claims durable jobs from the
+//! Files are kept by content hash under `<data_dir>/files/<tenant>/`, sealed with the
+//! tenant's key (`state.blobs`, see `encryption` and `storage::blob`): nothing here reads
+//! or writes them but through the blob store. The index of each tenant lies under
+//! `<data_dir>/index/<tenant>/`. The worker claims durable jobs from the
 //! database: extract by page (off the async threads), OCR pages without text when
 //! tesseract is installed (else the document says "needs OCR"), chunk, index, and only then
 //! mark the document ready with its passages in one transaction. A crash anywhere leaves
@@ -141,18 +143,13 @@ fn safe_segment(s: &str) -> String {
         .collect()
 }
 
-/// Where a file with this hash is kept.
+/// Where the (sealed) file with this hash lies; read and write it through `state.blobs`.
 pub fn blob_path(state: &crate::app::AppState, tenant_id: &str, sha256: &str) -> PathBuf {
     blob_path_in(&state.config.data_dir, tenant_id, sha256)
 }
 
 pub fn blob_path_in(data_dir: &std::path::Path, tenant_id: &str, sha256: &str) -> PathBuf {
-    let h = safe_segment(sha256);
-    data_dir
-        .join("files")
-        .join(safe_segment(tenant_id))
-        .join(h.get(..2).unwrap_or("00"))
-        .join(h)
+    storage::FsObjects::new(data_dir.join("files")).path(tenant_id, sha256)
 }
 
 /// The morphological analyser for the second search field, per the configuration
@@ -239,45 +236,44 @@ pub async fn forget_document(state: &Shared, d: &KbDocument) -> AppResult<()> {
     // The deletion is in the index log: applying it takes the entries out.
     state.indexes.follow_now(state, &d.tenant_id).await;
     if !state.store.blob_in_use(&d.tenant_id, &d.sha256).await? {
-        let _ = tokio::fs::remove_file(blob_path(state, &d.tenant_id, &d.sha256)).await;
+        if let Err(e) = state.blobs.remove(&d.tenant_id, &d.sha256).await {
+            tracing::warn!(error = %e, document = %d.id, "could not remove the stored file");
+        }
     }
     Ok(())
 }
 
-/// Removes a deleted collection's index entries (one commit) and the files no other
-/// document shares.
+/// After a collection was deleted: removes the files no other document shares and its
+/// index entries (from the index log).
 pub async fn forget_collection(
     state: &Shared,
     tenant_id: &str,
-    collection_id: &str,
     docs: &[KbDocument],
 ) -> AppResult<()> {
-    // The deletion is in the index log: applying it takes the entries out.
-    let _ = collection_id;
-    state.indexes.follow_now(state, tenant_id).await;
     for d in docs {
         if !state.store.blob_in_use(tenant_id, &d.sha256).await? {
-            let _ = tokio::fs::remove_file(blob_path(state, tenant_id, &d.sha256)).await;
+            if let Err(e) = state.blobs.remove(tenant_id, &d.sha256).await {
+                tracing::warn!(error = %e, document = %d.id, "could not remove the stored file");
+            }
         }
     }
+    // The deletion is in the index log: applying it takes the entries out.
     state.indexes.follow_now(state, tenant_id).await;
     Ok(())
 }
 
-/// Removes all of a tenant's files and its index (tenant disposal).
+/// Removes all of a tenant's files and its index (tenant disposal, whose transaction has
+/// already deleted the tenant's keys: a file that stays behind cannot be read).
 pub async fn forget_tenant(state: &Shared, tenant_id: &str) {
     state.indexes.drop_tenant(tenant_id);
     state.vectors.drop_tenant(tenant_id);
-    for dir in ["files", "index"] {
-        let p = state
-            .config
-            .data_dir
-            .join(dir)
-            .join(safe_segment(tenant_id));
-        if p.exists() {
-            if let Err(e) = tokio::fs::remove_dir_all(&p).await {
-                tracing::warn!(error = %e, path = %p.display(), "could not remove after disposal");
-            }
+    if let Err(e) = state.blobs.remove_tenant(tenant_id).await {
+        tracing::warn!(error = %e, tenant = %tenant_id, "could not remove the files after disposal");
+    }
+    let p = index_dir(&state.config.data_dir, tenant_id);
+    if p.exists() {
+        if let Err(e) = tokio::fs::remove_dir_all(&p).await {
+            tracing::warn!(error = %e, path = %p.display(), "could not remove after disposal");
         }
     }
 }
@@ -451,13 +447,25 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
     };
     let kind =
         documents::Kind::parse(&d.kind).ok_or_else(|| Failure::Final("不明な形式です。".into()))?;
-    let path = blob_path(state, &d.tenant_id, &d.sha256);
-    let bytes = tokio::fs::read(&path).await.map_err(retry)?;
+    let bytes = Arc::new(
+        state
+            .blobs
+            .read(&d.tenant_id, &d.sha256)
+            .await
+            .map_err(|e| match e {
+                // A damaged file or a missing key: trying again changes nothing.
+                storage::StorageError::Integrity(m) | storage::StorageError::Key(m) => {
+                    Failure::Final(m)
+                }
+                other => retry(other),
+            })?,
+    );
     store
         .ingest_progress(job, "processing", None, 0, state.now(), LEASE_MS)
         .await
         .map_err(retry)?;
-    let pages = tokio::task::spawn_blocking(move || documents::extract_pages(&bytes, kind))
+    let extracted = bytes.clone();
+    let pages = tokio::task::spawn_blocking(move || documents::extract_pages(&extracted, kind))
         .await
         .map_err(retry)?
         .map_err(|e| Failure::Final(e.upload_message_ja().to_string()))?;
@@ -467,14 +475,25 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
         && tokio::task::spawn_blocking(documents::ocr::available)
             .await
             .unwrap_or(false);
+    // pdftoppm reads a file: a decrypted copy (0600, in the work area), gone when this
+    // function returns, whichever way.
+    let plain = if ocr_ready {
+        Some(
+            crate::encryption::plain_copy(&state.config, bytes.clone())
+                .await
+                .map_err(retry)?,
+        )
+    } else {
+        None
+    };
     let mut stored = Vec::with_capacity(pages.len());
     let mut read = Vec::with_capacity(pages.len());
     let mut missing_ocr = false;
     for (i, mut p) in pages.into_iter().enumerate() {
         let mut ocr = false;
         if p.text.trim().is_empty() && kind == documents::Kind::Pdf {
-            if ocr_ready {
-                let (path, n) = (path.clone(), p.number);
+            if let Some(plain) = &plain {
+                let (path, n) = (plain.to_path_buf(), p.number);
                 let text = tokio::task::spawn_blocking(move || documents::ocr::pdf_page(&path, n))
                     .await
                     .map_err(retry)?
@@ -503,6 +522,7 @@ async fn ingest_once(state: &Shared, job: &Job) -> Result<(), Failure> {
             .await
             .map_err(retry)?;
     }
+    drop(plain);
     let mut chunks: Vec<NewChunk> = chunk_pages(&read)
         .into_iter()
         .enumerate()

@@ -1,6 +1,8 @@
 //! Knowledge pages and API (M8): collections (a department's, or shared tenant-wide,
 //! with a classification and optionally named members), uploads streamed to disk with
-//! per-file results, documents with their progress, the page view a citation opens, and
+//! per-file results and then sealed into the tenant's encrypted file store (the staged
+//! plaintext, 0600 in the work area, goes whatever happens), documents with their
+//! progress, the page view a citation opens, and
 //! search. Every object is fetched through the tenant and checked with
 //! `domain::policy`; what the caller may not read answers 404.
 
@@ -444,7 +446,7 @@ async fn delete_collection(
         .store
         .delete_collection(&a.ctx.tenant.id, &c.id, a.audit())
         .await?;
-    knowledge::forget_collection(&state, &a.ctx.tenant.id, &c.id, &docs).await?;
+    knowledge::forget_collection(&state, &a.ctx.tenant.id, &docs).await?;
     Ok(Redirect::to("/knowledge").into_response())
 }
 
@@ -606,7 +608,8 @@ pub fn clean_name(raw: &str) -> String {
 
 struct Received {
     name: String,
-    tmp: std::path::PathBuf,
+    /// The staged plaintext: removed when this is dropped, on every path.
+    tmp: tempfile::TempPath,
     bytes: u64,
     sha256: String,
 }
@@ -628,7 +631,7 @@ async fn upload(
 ) -> AppResult<Response> {
     let c = managed(&state, &a, &id).await?;
     let cfg = &state.config.knowledge;
-    let tmp_dir = state.config.data_dir.join("files").join("tmp");
+    let tmp_dir = crate::encryption::work_dir(&state.config);
     tokio::fs::create_dir_all(&tmp_dir)
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?;
@@ -718,10 +721,14 @@ async fn receive(
     tmp_dir: &std::path::Path,
     max: u64,
 ) -> Result<Option<Received>, String> {
-    let tmp = tmp_dir.join(domain::ids::random_token(12));
-    let mut f = tokio::fs::File::create(&tmp)
-        .await
+    // Private (0600) and removed when `tmp` is dropped: on an error, a refusal, or a
+    // client that goes away mid-upload as much as after the file is sealed.
+    let staged = tempfile::Builder::new()
+        .prefix("upload-")
+        .tempfile_in(tmp_dir)
         .map_err(|e| e.to_string())?;
+    let (file, tmp) = staged.into_parts();
+    let mut f = tokio::fs::File::from_std(file);
     let mut h = Sha256::new();
     let mut n = 0u64;
     loop {
@@ -730,7 +737,7 @@ async fn receive(
                 n += chunk.len() as u64;
                 if n > max {
                     drop(f);
-                    let _ = tokio::fs::remove_file(&tmp).await;
+                    drop(tmp);
                     // Read the rest so the next field can be reached.
                     while let Ok(Some(_)) = field.chunk().await {}
                     return Ok(None);
@@ -740,7 +747,6 @@ async fn receive(
             }
             Ok(None) => break,
             Err(_) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
                 return Err("ファイルを受け取れませんでした（通信が途中で切れました）。".into());
             }
         }
@@ -762,7 +768,7 @@ async fn store_one(
     r: Received,
 ) -> Result<String, String> {
     let outcome = check_and_store(state, a, c, &r).await;
-    let _ = tokio::fs::remove_file(&r.tmp).await;
+    drop(r);
     outcome
 }
 
@@ -818,17 +824,13 @@ async fn check_and_store(
             }
         }
     }
-    let dest = knowledge::blob_path(state, &a.ctx.tenant.id, &r.sha256);
-    if !dest.exists() {
-        if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| internal(&e))?;
-        }
-        tokio::fs::copy(&r.tmp, &dest)
-            .await
-            .map_err(|e| internal(&e))?;
-    }
+    // Sealed while it streams from the staged file; the same content already stored for
+    // the tenant is not stored twice.
+    state
+        .blobs
+        .put_file(&a.ctx.tenant.id, &r.sha256, &r.tmp, a.audit())
+        .await
+        .map_err(|e| internal(&e))?;
     let nd = NewDocument {
         tenant_id: a.ctx.tenant.id.clone(),
         collection_id: c.id.clone(),

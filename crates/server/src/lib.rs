@@ -15,6 +15,7 @@ pub mod config;
 pub mod csvout;
 pub mod disposal_web;
 pub mod embedding_web;
+pub mod encryption;
 pub mod error;
 pub mod eval;
 pub mod eval_web;
@@ -118,6 +119,9 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
             );
         }
     }
+    let blobs = encryption::open(&config, &store, clock.clone(), true)
+        .await
+        .map_err(StartError::Other)?;
     let cost = config.hash_cost();
     let dummy_hash = tokio::task::spawn_blocking(move || {
         domain::password::hash(&domain::ids::random_token(16), cost)
@@ -140,6 +144,7 @@ pub async fn build_state(config: Config, clock: Arc<dyn Clock>) -> Result<Shared
         .unwrap_or(2);
     Ok(Arc::new(AppState {
         store,
+        blobs,
         clock,
         config: Arc::new(config),
         default_tenant_id,
@@ -202,6 +207,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     local_models::offer_first_run(&state, &state.default_tenant_id.clone()).await;
+    encryption::clear_work_area(
+        &state.config,
+        state.store.backend() == storage::Backend::Sqlite,
+    );
+    let sealing = encryption::spawn_legacy_sealing(state.clone());
     let worker = knowledge::spawn_worker(state.clone());
     let follower = index_feed::spawn(state.clone());
     let app = app::router(state);
@@ -220,5 +230,6 @@ pub async fn serve(
     .await;
     worker.abort();
     follower.abort();
+    sealing.abort();
     served
 }

@@ -10,12 +10,17 @@
 //! An import checks every hash before it writes anything and then inserts all rows in one
 //! transaction; it adds nothing of its own to the tenant's records (the operator's command
 //! is in the server log), so exporting the imported tenant gives the same files again.
+//!
+//! Knowledge files travel in plaintext under `files/<sha256>` (the archive must open on
+//! another installation, which has another master key): the export decrypts each one and
+//! checks it against its hash, the import seals each one with the new tenant's own key
+//! (made then, and logged rather than audited, as above). Tenant keys are never exported.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, Read, Write};
 use std::path::Path;
-use storage::{ExportItem, Store, Tenant};
+use storage::{BlobStore, ExportItem, Store, Tenant};
 
 pub const FORMAT: &str = "yakuba-tenant-export";
 
@@ -49,6 +54,7 @@ const README: &str = "yakuba 全データの書き出し\r\n\
   usage_events.jsonl（利用記録）、audit_log.jsonl（監査ログ、ハッシュチェーン付き）など。\r\n\
 - 日時は UTC の1970年1月1日からのミリ秒です。\r\n\
 - manifest.json に各ファイルの件数、バイト数、SHA-256 ハッシュがあります。改ざんや欠落の確認に使えます。\r\n\
+- files/ には、ナレッジに登録された文書の元のファイルが、暗号化を解いた状態で入っています（名前は内容の SHA-256）。\r\n\
 - パスワード、AI サービスの API キー、API キーは含まれません（移行先で再設定してください）。\r\n\
 - 別の yakuba へは `yakuba import <このファイル>` で取り込めます。\r\n";
 
@@ -59,7 +65,7 @@ fn zip_err(e: zip::result::ZipError) -> String {
 /// Writes the tenant's export to `out`. Returns the manifest and the file, flushed.
 pub async fn export(
     store: &Store,
-    data_dir: &Path,
+    blobs: &BlobStore,
     tenant: &Tenant,
     out: std::fs::File,
     now: i64,
@@ -77,7 +83,8 @@ pub async fn export(
         files: Vec::new(),
     };
     let header = manifest.clone();
-    let (data_dir, tenant_id) = (data_dir.to_path_buf(), tenant.id.clone());
+    let keys = blobs.keys(&tenant.id).await.map_err(|e| e.to_string())?;
+    let sealed = blobs.clone();
     let writer = tokio::task::spawn_blocking(
         move || -> Result<(Vec<ExportedFile>, std::fs::File), String> {
             let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(out));
@@ -135,15 +142,17 @@ pub async fn export(
             blobs.dedup();
             for h in blobs {
                 let path = format!("files/{h}");
-                let src = crate::knowledge::blob_path_in(&data_dir, &tenant_id, &h);
-                let mut f = std::fs::File::open(&src)
-                    .map_err(|e| format!("文書のファイル {h} を読めません: {e}"))?;
+                let cannot =
+                    |e: &dyn std::fmt::Display| format!("文書のファイル {h} を読めません: {e}");
+                let mut f = sealed.open_sync(&keys, &h).map_err(|e| cannot(&e))?;
                 zip.start_file(&path, opts).map_err(zip_err)?;
                 let mut hh = Sha256::new();
                 let mut buf = vec![0u8; 1 << 16];
                 let mut total = 0u64;
                 loop {
-                    let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+                    let n = f
+                        .read(&mut buf)
+                        .map_err(|e| cannot(&storage::StorageError::from(e)))?;
                     if n == 0 {
                         break;
                     }
@@ -151,11 +160,18 @@ pub async fn export(
                     zip.write_all(&buf[..n]).map_err(|e| e.to_string())?;
                     total += n as u64;
                 }
+                let sha256 = hex::encode(hh.finalize());
+                // What leaves is what was uploaded, or the export fails.
+                if sha256 != h {
+                    return Err(cannot(
+                        &"内容がハッシュと一致しません（ファイルが壊れています）",
+                    ));
+                }
                 files.push(ExportedFile {
                     path,
                     rows: 0,
                     bytes: total,
-                    sha256: hex::encode(hh.finalize()),
+                    sha256,
                 });
             }
             let mut m = header;
@@ -241,6 +257,7 @@ pub fn verify(path: &Path) -> Result<Manifest, String> {
 /// `morph`: the server's morphological analyser, so the index is built as it searches.
 pub async fn import(
     store: &Store,
+    blobs: &BlobStore,
     data_dir: &Path,
     path: &Path,
     morph: Option<std::sync::Arc<search::Morph>>,
@@ -291,30 +308,29 @@ pub async fn import(
         (Err(storage::StorageError::Conflict(msg)), _) => return Err(msg),
         (Err(e), _) => return Err(e.to_string()),
     };
-    // The documents' files into the file store (their hashes were checked above).
-    let (owned, files, data, tenant) = (
-        path.to_path_buf(),
-        m.files.clone(),
-        data_dir.to_path_buf(),
-        m.tenant_id.clone(),
-    );
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let file = std::fs::File::open(&owned).map_err(|e| e.to_string())?;
-        let mut zip =
-            zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
-        for f in files.iter().filter(|f| f.path.starts_with("files/")) {
-            let dest = crate::knowledge::blob_path_in(&data, &tenant, &f.sha256);
-            if let Some(p) = dest.parent() {
-                std::fs::create_dir_all(p).map_err(|e| e.to_string())?;
+    // The documents' files into the file store, sealed with the new tenant's own key as
+    // they stream out of the zip (their hashes were checked above, and again while sealing).
+    let (owned, files, blobs) = (path.to_path_buf(), m.files.clone(), blobs.clone());
+    if files.iter().any(|f| f.path.starts_with("files/")) {
+        let keys = blobs
+            .keys_for_writing(&m.tenant_id, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let file = std::fs::File::open(&owned).map_err(|e| e.to_string())?;
+            let mut zip =
+                zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+            for f in files.iter().filter(|f| f.path.starts_with("files/")) {
+                let mut entry = zip.by_name(&f.path).map_err(|e| e.to_string())?;
+                blobs
+                    .put_sync(&keys, &f.sha256, &mut entry)
+                    .map_err(|e| format!("{}: {e}", f.path))?;
             }
-            let mut entry = zip.by_name(&f.path).map_err(|e| e.to_string())?;
-            let mut out = std::fs::File::create(&dest).map_err(|e| e.to_string())?;
-            std::io::copy(&mut entry, &mut out).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    }
     // Its index, from the passages just stored (the tenant is new here: nobody has it open).
     let dir = crate::knowledge::index_dir(data_dir, &m.tenant_id);
     let open_dir = dir.clone();
@@ -375,15 +391,9 @@ async fn download(State(state): State<Shared>, a: Authed) -> AppResult<Response>
         .map_err(|e| AppError::Internal(e.to_string()))?
         .map_err(|e| AppError::Internal(e.to_string()))?;
     let tenant = (*a.ctx.tenant).clone();
-    let (m, file) = export(
-        &state.store,
-        &state.config.data_dir,
-        &tenant,
-        tmp,
-        a.ctx.now,
-    )
-    .await
-    .map_err(AppError::Internal)?;
+    let (m, file) = export(&state.store, &state.blobs, &tenant, tmp, a.ctx.now)
+        .await
+        .map_err(AppError::Internal)?;
     let rows: u64 = m.files.iter().map(|f| f.rows).sum();
     state
         .store

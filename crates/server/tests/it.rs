@@ -4502,10 +4502,15 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
 
     // Into another yakuba, whose own tenant is another city.
     let t = TestServer::start_with(|c| c.default_tenant = "other".into()).await;
-    let (m, counts) =
-        server::tenant_export::import(&t.state.store, &t.data_dir, &first, t.state.morph.clone())
-            .await
-            .unwrap();
+    let (m, counts) = server::tenant_export::import(
+        &t.state.store,
+        &t.state.blobs,
+        &t.data_dir,
+        &first,
+        t.state.morph.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(m.tenant_slug, "default");
     assert!(
         counts.iter().any(|(t, n)| t == "messages" && *n == 4),
@@ -4515,7 +4520,7 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     let tenant = t.state.store.tenant_by_slug("default").await.unwrap();
     server::tenant_export::export(
         &t.state.store,
-        &t.data_dir,
+        &t.state.blobs,
         &tenant,
         std::fs::File::create(&second).unwrap(),
         t.now(),
@@ -4544,10 +4549,15 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     // Bad input: the same tenant again; a changed file; a truncated zip; a row of another
     // tenant with hashes that match. Nothing is written.
     let before = count_rows(&t, "SELECT COUNT(*) FROM messages").await;
-    let e =
-        server::tenant_export::import(&t.state.store, &t.data_dir, &first, t.state.morph.clone())
-            .await
-            .unwrap_err();
+    let e = server::tenant_export::import(
+        &t.state.store,
+        &t.state.blobs,
+        &t.data_dir,
+        &first,
+        t.state.morph.clone(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.contains("すでにあります"), "{e}");
     let fresh = TestServer::start_with(|c| c.default_tenant = "third".into()).await;
     let changed = dir.path().join("changed.zip");
@@ -4563,6 +4573,7 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     write_zip(&changed, &edited, false);
     let e = server::tenant_export::import(
         &fresh.state.store,
+        &fresh.state.blobs,
         &fresh.data_dir,
         &changed,
         fresh.state.morph.clone(),
@@ -4578,6 +4589,7 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let e = server::tenant_export::import(
         &fresh.state.store,
+        &fresh.state.blobs,
         &fresh.data_dir,
         &truncated,
         fresh.state.morph.clone(),
@@ -4599,6 +4611,7 @@ async fn a_tenant_export_imports_into_another_yakuba_and_exports_the_same() {
     write_zip(&foreign, &edited, true);
     let e = server::tenant_export::import(
         &fresh.state.store,
+        &fresh.state.blobs,
         &fresh.data_dir,
         &foreign,
         fresh.state.morph.clone(),
@@ -6241,5 +6254,349 @@ async fn several_nodes_over_one_database_find_the_same_documents() {
     }
     c.stop().await;
     b.stop().await;
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------- files at rest
+
+/// The document with this id, as the list shows it.
+async fn document_row(c: &Client, collection: &str, id: &str) -> Value {
+    ingested(c, collection)
+        .await
+        .into_iter()
+        .find(|d| d["id"] == id)
+        .unwrap()
+}
+
+async fn reindexed(c: &Client, collection: &str, id: &str) -> Value {
+    let r = c
+        .post_form(&format!("/knowledge/documents/{id}/reindex"), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    document_row(c, collection, id).await
+}
+
+fn sealed(path: &std::path::Path) -> bool {
+    storage::blob::is_sealed(&std::fs::read(path).unwrap())
+}
+
+#[tokio::test]
+async fn uploaded_files_are_sealed_at_rest_and_earlier_plaintext_is_read_then_sealed() {
+    // SQLite: the command line runs beside the service over the same data directory.
+    let mut s =
+        TestServer::start_with(|c| c.database_url = server::config::Secret::default()).await;
+    let a = admin(&s).await;
+    let kb = new_collection(&a, "", "全庁 例規集", "2").await;
+    // Several 64 KiB segments of Japanese text.
+    let text: String = (1..=2500)
+        .map(|i| format!("第{i}条 住民票の写しの交付手数料は三百円とする。\n"))
+        .collect();
+    assert!(text.len() > 2 * storage::blob::SEGMENT);
+    let (st, body) = upload(&a, &kb, &[("手数料条例.txt", text.as_bytes().to_vec())]).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let id = body["results"][0]["document_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(document_row(&a, &kb, &id).await["status"], "ready");
+    let sha = manual_sha(&s, &id).await;
+    let blob = server::knowledge::blob_path(&s.state, s.tenant_id(), &sha);
+    assert!(sealed(&blob));
+    // Nothing under the stored files holds the text in the clear, the staged upload
+    // included (it is gone), yet the worker read it: the passage is found.
+    assert!(files_containing(&s.data_dir.join("files"), "交付手数料").is_empty());
+    assert_eq!(
+        std::fs::read_dir(s.data_dir.join("files/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let (_, found) = a
+        .get_json("/api/v1/knowledge/search?q=交付手数料は三百円")
+        .await;
+    assert!(found.to_string().contains("手数料条例"), "{found}");
+    let (_, audit) = a
+        .get_json("/api/v1/admin/audit?action=tenant_key.create")
+        .await;
+    assert_eq!(audit["total"], 1, "{audit}");
+    let (_, page) = a.get_text("/admin/audit?action=tenant_key.create").await;
+    assert!(page.contains("保存ファイルの暗号鍵の作成"), "{page}");
+    // OCR reads a decrypted copy of a scanned PDF, which is gone once the page is read.
+    if documents::ocr::available() {
+        let (st, body) = upload(&a, &kb, &[("スキャン.pdf", fixture("scanned.pdf"))]).await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+        let scan = document_row(&a, &kb, body["results"][0]["document_id"].as_str().unwrap()).await;
+        assert_eq!(scan["ocr_pages"], json!([1]), "{scan}");
+        assert_eq!(
+            std::fs::read_dir(s.data_dir.join("files/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    // A file stored by a version before encryption (plaintext, no header) is still read…
+    let old = "旧版で登録した要綱。文書の保存年限は三十年とする。";
+    let (st, body) = upload(&a, &kb, &[("要綱.txt", old.as_bytes().to_vec())]).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let old_id = body["results"][0]["document_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ingested(&a, &kb).await;
+    let old_blob =
+        server::knowledge::blob_path(&s.state, s.tenant_id(), &manual_sha(&s, &old_id).await);
+    std::fs::write(&old_blob, old).unwrap();
+    assert_eq!(reindexed(&a, &kb, &old_id).await["status"], "ready");
+    // …and sealed in place on request, on the record; a second run finds nothing to do.
+    let (ok, out) = yakuba(&s.data_dir, &["knowledge", "encrypt-files"]);
+    assert!(ok && out.contains("暗号化 1件"), "{out}");
+    assert!(sealed(&old_blob));
+    let (ok, out) = yakuba(&s.data_dir, &["knowledge", "encrypt-files"]);
+    let stored = ingested(&a, &kb).await.len();
+    assert!(
+        ok && out.contains("暗号化 0件") && out.contains(&format!("暗号化済み {stored}件")),
+        "{out}"
+    );
+    assert_eq!(reindexed(&a, &kb, &old_id).await["status"], "ready");
+    // The next start of the service does the same by itself.
+    std::fs::write(&old_blob, old).unwrap();
+    s.restart().await;
+    for _ in 0..100 {
+        if sealed(&old_blob) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(sealed(&old_blob));
+    let a = admin_again(&s).await;
+    let (_, audit) = a.get_json("/api/v1/admin/audit?action=files.encrypt").await;
+    assert_eq!(audit["total"], 2, "{audit}");
+    assert!(files_containing(&s.data_dir.join("files"), "保存年限").is_empty());
+
+    // An export carries the files in plaintext, checked against their hashes; an import
+    // seals them under the new tenant's own key.
+    let dir = tempfile::tempdir().unwrap();
+    let zip = dir.path().join("export.zip");
+    let tenant = s.state.store.tenant_by_id(s.tenant_id()).await.unwrap();
+    server::tenant_export::export(
+        &s.state.store,
+        &s.state.blobs,
+        &tenant,
+        std::fs::File::create(&zip).unwrap(),
+        s.now(),
+    )
+    .await
+    .unwrap();
+    let entries = zip_entries(&zip);
+    let exported = &entries
+        .iter()
+        .find(|(n, _)| *n == format!("files/{sha}"))
+        .unwrap()
+        .1;
+    assert_eq!(exported, text.as_bytes());
+    let t = TestServer::start_with(|c| c.default_tenant = "other".into()).await;
+    server::tenant_export::import(
+        &t.state.store,
+        &t.state.blobs,
+        &t.data_dir,
+        &zip,
+        t.state.morph.clone(),
+    )
+    .await
+    .unwrap();
+    let moved = t.state.store.tenant_by_slug("default").await.unwrap();
+    assert_eq!(
+        t.state.blobs.read(&moved.id, &sha).await.unwrap(),
+        text.as_bytes()
+    );
+    let there = server::knowledge::blob_path(&t.state, &moved.id, &sha);
+    assert!(sealed(&there));
+    assert_ne!(
+        std::fs::read(&there).unwrap(),
+        std::fs::read(&blob).unwrap()
+    );
+    assert!(files_containing(&t.data_dir.join("files"), "交付手数料").is_empty());
+    // Its own key, made by the import without a record of its own in the tenant's log.
+    assert_eq!(count_rows(&t, "SELECT COUNT(*) FROM tenant_keys").await, 1);
+    assert_eq!(
+        count_rows(
+            &t,
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'tenant_key.create'"
+        )
+        .await,
+        1
+    );
+    t.stop().await;
+
+    // A stored file changed on disk: the document fails with a reason, not garbage.
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&blob, bytes).unwrap();
+    let d = reindexed(&a, &kb, &id).await;
+    assert_eq!(d["status"], "failed", "{d}");
+    assert!(d["error"].as_str().unwrap().contains("改ざん"), "{d}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_backup_restores_sealed_files_only_with_the_same_master_key() {
+    let s = TestServer::start_with(|c| c.database_url = server::config::Secret::default()).await;
+    let a = admin(&s).await;
+    let kb = new_collection(&a, "", "全庁 文書管理", "2").await;
+    let text = "バックアップ対象の文書。保存期間は五年とする。";
+    let (st, body) = upload(&a, &kb, &[("文書管理規程.txt", text.as_bytes().to_vec())]).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let id = body["results"][0]["document_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(document_row(&a, &kb, &id).await["status"], "ready");
+    let sha = manual_sha(&s, &id).await;
+    let master = s.data_dir.join("keys/master.key");
+    let master_hex = std::fs::read_to_string(&master).unwrap().trim().to_string();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&master).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    // The backup holds the file sealed, and not the master key. (The passages are in the
+    // database, as before: the needle is there to be found.)
+    let dir = tempfile::tempdir().unwrap();
+    let bk = dir.path().join("bk");
+    let (ok, out) = yakuba(&s.data_dir, &["backup", bk.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("マスターキーは、バックアップに含まれません"),
+        "{out}"
+    );
+    assert!(files_containing(&bk.join("files"), "保存期間は五年").is_empty());
+    assert!(!files_containing(&bk, "保存期間は五年").is_empty());
+    assert!(files_containing(&bk, &master_hex).is_empty());
+    assert!(!bk.join("keys").exists());
+
+    // Restored elsewhere without the master key: the data is back, and the command says
+    // what is missing and fails; the service does not start (nor makes a new key)…
+    let restored = dir.path().join("restored");
+    let (ok, out) = yakuba(&restored, &["restore", bk.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("暗号化されたまま戻しました")
+            && out.contains("マスターキーがありません"),
+        "{out}"
+    );
+    let mut config = (*s.state.config).clone();
+    config.data_dir = restored.clone();
+    let start = |config: server::config::Config| async move {
+        match server::build_state(config, std::sync::Arc::new(domain::ManualClock::new(0))).await {
+            Ok(_) => panic!("started without the right master key"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = start(config.clone()).await;
+    assert!(e.contains("マスターキーがありません"), "{e}");
+    assert!(!restored.join("keys/master.key").exists());
+    // …nor with another master key: a clear message, not garbage.
+    std::fs::create_dir_all(restored.join("keys")).unwrap();
+    std::fs::write(restored.join("keys/master.key"), "ab".repeat(32)).unwrap();
+    let e = start(config.clone()).await;
+    assert!(
+        e.contains("マスターキーが、データベースに保存されている"),
+        "{e}"
+    );
+    let (ok, out) = yakuba(&restored, &["knowledge", "encrypt-files"]);
+    assert!(!ok && out.contains("マスターキーが、"), "{out}");
+    // With the same master key everything reads.
+    std::fs::copy(&master, restored.join("keys/master.key")).unwrap();
+    let r = TestServer::start_with(|c| {
+        c.database_url = server::config::Secret::default();
+        c.data_dir = restored.clone();
+    })
+    .await;
+    assert_eq!(
+        r.state.blobs.read(r.tenant_id(), &sha).await.unwrap(),
+        text.as_bytes()
+    );
+    r.stop().await;
+    let (ok, out) = yakuba(&restored, &["restore", "--force", bk.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("暗号鍵を開けることを確認しました"),
+        "{out}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_disposal_shreds_the_keys_of_its_files() {
+    let s = TestServer::start().await;
+    let a = admin(&s).await;
+    let (b, _) = s
+        .signed_in("admin02", "総務部/情報政策課", Role::TenantAdmin)
+        .await;
+    let kb = new_collection(&a, "", "全庁 廃棄対象", "2").await;
+    let (st, body) = upload(
+        &a,
+        &kb,
+        &[(
+            "廃棄対象.txt",
+            "廃棄カナリアFK7の文書。".as_bytes().to_vec(),
+        )],
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    ingested(&a, &kb).await;
+    let id = body["results"][0]["document_id"].as_str().unwrap();
+    let blob = server::knowledge::blob_path(&s.state, s.tenant_id(), &manual_sha(&s, id).await);
+    assert!(sealed(&blob));
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM tenant_keys").await, 1);
+    let name = s
+        .state
+        .store
+        .tenant_by_id(s.tenant_id())
+        .await
+        .unwrap()
+        .name;
+    let r = a
+        .post_form(
+            "/admin/disposal/tenant",
+            &[("reason", "契約満了"), ("confirm", &name)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let d = s
+        .state
+        .store
+        .disposals(s.tenant_id())
+        .await
+        .unwrap()
+        .remove(0);
+    let r = b
+        .post_form(
+            &format!("/admin/disposal/{}/approve", d.id),
+            &[("confirm", &name)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    // The key rows went in the disposal's transaction, the files after it.
+    assert_eq!(count_rows(&s, "SELECT COUNT(*) FROM tenant_keys").await, 0);
+    assert!(!blob.exists());
+    assert!(files_containing(&s.data_dir, "廃棄カナリアFK7").is_empty());
+    let cert = r.headers()["location"].to_str().unwrap().to_string();
+    let key = cert.split("key=").nth(1).unwrap();
+    let (st, csv) = s
+        .client()
+        .get_text(&format!(
+            "/disposal-certificates/{}/certificate.csv?key={key}",
+            d.id
+        ))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let c = csv_pairs(&csv);
+    let shredded = c
+        .iter()
+        .find(|(k, _)| k.contains("暗号鍵"))
+        .map(|(_, v)| v.as_str());
+    assert_eq!(shredded, Some("1"), "{c:?}");
     s.stop().await;
 }

@@ -648,6 +648,8 @@ impl Store {
             ("ナレッジの文書", "DELETE FROM kb_documents WHERE tenant_id = $1".into()),
             ("ナレッジ", "DELETE FROM collection_members WHERE tenant_id = $1".into()),
             ("ナレッジ", "DELETE FROM collections WHERE tenant_id = $1".into()),
+            // Crypto-shredding: without its keys no copy of the tenant's files opens again.
+            ("ナレッジのファイルの暗号鍵（暗号化消去: 鍵の削除により、ファイルの写しも復号できなくなります）", "DELETE FROM tenant_keys WHERE tenant_id = $1".into()),
             ("アラート", "DELETE FROM alert_cursors WHERE tenant_id = $1".into()),
             ("アカウント", "DELETE FROM users WHERE tenant_id = $1".into()),
             ("部署", "DELETE FROM departments WHERE tenant_id = $1".into()),
@@ -718,6 +720,7 @@ impl Store {
                     "prompt_templates",
                     "users",
                     "audit_log",
+                    "tenant_keys",
                 ] {
                     if let Err(e) = sqlx::query(&format!("VACUUM {t}"))
                         .execute(&self.pool)

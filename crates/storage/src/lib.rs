@@ -6,10 +6,13 @@
 //! Every write that matters takes the [`AuditEvent`] that describes it and appends it to the
 //! tenant's hash chain in the same transaction, so a change and its record land together or
 //! not at all.
+//!
+//! Uploaded files live in the [`BlobStore`], sealed with per-tenant keys (see [`blob`]).
 
 mod alerts;
 mod audit;
 mod backup;
+pub mod blob;
 mod chat;
 mod departments;
 mod disposal;
@@ -30,6 +33,7 @@ mod vectors;
 
 pub use alerts::AlertRecord;
 pub use audit::{AuditEvent, AuditFilter, ChainReport};
+pub use blob::{BlobStore, FsObjects, MasterKey, ObjectStore, SealReport, TenantKeys};
 pub use chat::{
     AnswerEnd, Conversation, Message, Model, ModelInput, NewTurn, Provider, ProviderInput,
 };
@@ -70,6 +74,16 @@ pub enum StorageError {
     Db(#[from] sqlx::Error),
     #[error("migration error: {0}")]
     Migration(String),
+    /// A stored file failed its check (changed, cut short, sealed for another tenant or
+    /// with a key that is gone); the message is safe to show (Japanese).
+    #[error("{0}")]
+    Integrity(String),
+    /// The master key is malformed or is not the one the tenant keys were wrapped with; the
+    /// message is safe to show (Japanese) and says what to do.
+    #[error("{0}")]
+    Key(String),
+    #[error("file error: {0}")]
+    Io(std::io::Error),
 }
 
 impl StorageError {
@@ -81,6 +95,9 @@ impl StorageError {
             StorageError::Corrupt(_) => "corrupt",
             StorageError::Db(_) => "database",
             StorageError::Migration(_) => "migration",
+            StorageError::Integrity(_) => "integrity",
+            StorageError::Key(_) => "key",
+            StorageError::Io(_) => "io",
         }
     }
 }

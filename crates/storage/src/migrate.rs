@@ -67,6 +67,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0011_vectors.sql"),
         postgres: include_str!("../migrations/postgres/0011_vectors.sql"),
     },
+    Migration {
+        version: 12,
+        sqlite: include_str!("../migrations/sqlite/0012_tenant_keys.sql"),
+        postgres: include_str!("../migrations/postgres/0012_tenant_keys.sql"),
+    },
 ];
 
 /// The newest schema this binary knows.

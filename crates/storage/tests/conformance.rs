@@ -1293,3 +1293,195 @@ async fn usage_records_counters_and_reports() {
         db.finish().await;
     }
 }
+
+async fn key_rows(s: &Store, tenant: &str) -> i64 {
+    use sqlx::Row;
+    sqlx::query("SELECT COUNT(*) AS n FROM tenant_keys WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(s.pool())
+        .await
+        .unwrap()
+        .try_get::<i64, _>("n")
+        .unwrap()
+}
+
+fn sha(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[tokio::test]
+async fn files_are_sealed_per_tenant_and_shredded_with_their_keys() {
+    use std::sync::Arc;
+    for db in backends().await {
+        let s = &db.store;
+        let b = format!("{:?}", s.backend());
+        let t1 = s
+            .create_tenant("sealed", "暗号市", None, 1_000, ev("cli"))
+            .await
+            .unwrap();
+        let t2 = s
+            .create_tenant("neighbour", "隣町", None, 1_000, ev("cli"))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let objects = Arc::new(FsObjects::new(dir.path().join("files")));
+        let master = MasterKey::generate();
+        let again = MasterKey::parse(&master.to_hex()).unwrap();
+        let clock: Arc<dyn domain::Clock> = Arc::new(domain::ManualClock::new(5_000));
+        let blobs = BlobStore::new(objects.clone(), master, s.clone(), clock.clone());
+
+        // The first file makes the tenant's key, on the record; the same content again is
+        // not written twice.
+        let plain = "住民税の減免に関する内部資料。非公開。".repeat(4000);
+        let name = sha(plain.as_bytes());
+        let src = dir.path().join("upload");
+        std::fs::write(&src, &plain).unwrap();
+        assert!(blobs.keys(&t1.id).await.unwrap().is_empty(), "{b}");
+        assert!(blobs
+            .put_file(&t1.id, &name, &src, ev_t(&t1.id))
+            .await
+            .unwrap());
+        assert!(!blobs
+            .put_file(&t1.id, &name, &src, ev_t(&t1.id))
+            .await
+            .unwrap());
+        assert_eq!(key_rows(s, &t1.id).await, 1, "{b}");
+        let filter = AuditFilter {
+            action_prefix: Some("tenant_key.create".into()),
+            ..Default::default()
+        };
+        let (recs, n) = s.list_audit(&t1.id, &filter, 10, 0).await.unwrap();
+        assert_eq!(n, 1, "{b}");
+        assert!(!recs[0].detail.contains(&again.to_hex()[..]), "{b}");
+        assert_eq!(blobs.read(&t1.id, &name).await.unwrap(), plain.as_bytes());
+        let stored = std::fs::read(objects.path(&t1.id, &name)).unwrap();
+        assert!(storage::blob::is_sealed(&stored));
+        assert!(
+            !String::from_utf8_lossy(&stored).contains("住民税"),
+            "{b}: plaintext on disk"
+        );
+
+        // The neighbour cannot read it, even with the file copied into its own place.
+        assert!(matches!(
+            blobs.read(&t2.id, &name).await,
+            Err(StorageError::Io(_))
+        ));
+        let copy = objects.path(&t2.id, &name);
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        std::fs::copy(objects.path(&t1.id, &name), &copy).unwrap();
+        assert!(matches!(
+            blobs.read(&t2.id, &name).await,
+            Err(StorageError::Integrity(_))
+        ));
+        // Keys made at once by several requests: one key.
+        let makers: Vec<_> = (0..4)
+            .map(|_| {
+                let (blobs, t) = (blobs.clone(), t2.id.clone());
+                tokio::spawn(async move { blobs.keys_for_writing(&t, None).await })
+            })
+            .collect();
+        for m in makers {
+            assert!(!m.await.unwrap().unwrap().is_empty());
+        }
+        assert_eq!(key_rows(s, &t2.id).await, 1, "{b}");
+        assert!(matches!(
+            blobs.read(&t2.id, &name).await,
+            Err(StorageError::Integrity(_))
+        ));
+
+        // Another master key (a restored database with a new installation's key): a clear
+        // error, not garbage; the right one opens every key.
+        let wrong = BlobStore::new(
+            objects.clone(),
+            MasterKey::generate(),
+            s.clone(),
+            clock.clone(),
+        );
+        for e in [
+            wrong.read(&t1.id, &name).await.unwrap_err(),
+            s.verify_tenant_keys(&MasterKey::generate())
+                .await
+                .unwrap_err(),
+        ] {
+            assert!(
+                matches!(&e, StorageError::Key(m) if m.contains("マスターキー")),
+                "{b}: {e:?}"
+            );
+        }
+        assert_eq!(s.verify_tenant_keys(&again).await.unwrap(), 2, "{b}");
+
+        // Files from before encryption: read as they are, then sealed in place; a file
+        // whose content is not its name is reported and left alone.
+        let old = "旧版で保存した例規集".as_bytes();
+        let old_name = sha(old);
+        let bad_name = sha(b"something else");
+        for (n, body) in [(&old_name, old), (&bad_name, &b"not its hash"[..])] {
+            let p = objects.path(&t1.id, n);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, body).unwrap();
+        }
+        assert_eq!(blobs.read(&t1.id, &old_name).await.unwrap(), old);
+        let report = blobs.seal_legacy(&t1.id, ev_t(&t1.id)).await.unwrap();
+        assert_eq!((report.sealed, report.already), (1, 1), "{b}: {report:?}");
+        assert_eq!(report.failed.len(), 1, "{b}");
+        assert_eq!(report.failed[0].0, bad_name);
+        assert!(report.failed[0].1.contains("ハッシュ"), "{report:?}");
+        assert!(storage::blob::is_sealed(
+            &std::fs::read(objects.path(&t1.id, &old_name)).unwrap()
+        ));
+        assert_eq!(
+            std::fs::read(objects.path(&t1.id, &bad_name)).unwrap(),
+            b"not its hash"
+        );
+        assert_eq!(blobs.read(&t1.id, &old_name).await.unwrap(), old);
+        let report = blobs.seal_legacy(&t1.id, ev_t(&t1.id)).await.unwrap();
+        assert_eq!((report.sealed, report.already), (0, 2), "{b}: {report:?}");
+        blobs.remove(&t1.id, &bad_name).await.unwrap();
+        blobs.remove(&t1.id, &bad_name).await.unwrap();
+
+        // Disposal of the tenant deletes its keys in the same transaction: its files no
+        // longer open, before they are even removed. The neighbour keeps its key.
+        let requester = Operator {
+            id: "u1".into(),
+            label: "依頼者（admin01）".into(),
+        };
+        let approver = Operator {
+            id: "u2".into(),
+            label: "承認者（admin02）".into(),
+        };
+        let d = s
+            .request_tenant_disposal(&t1.id, "契約終了", &requester, ev_t(&t1.id))
+            .await
+            .unwrap();
+        let done = s
+            .approve_tenant_disposal(&t1.id, &d.id, &approver, ("digest", 9_000), ev_t(&t1.id))
+            .await
+            .unwrap();
+        assert!(
+            done.counts
+                .iter()
+                .any(|(label, n)| label.contains("暗号鍵") && *n == 1),
+            "{b}: {:?}",
+            done.counts
+        );
+        assert_eq!(key_rows(s, &t1.id).await, 0, "{b}");
+        assert_eq!(key_rows(s, &t2.id).await, 1, "{b}");
+        assert!(matches!(
+            blobs.read(&t1.id, &name).await,
+            Err(StorageError::Integrity(_))
+        ));
+        // The same content uploaded again later (the registration stays): a new key, and
+        // the unreadable copy is replaced rather than reused.
+        assert!(blobs
+            .put_file(&t1.id, &name, &src, ev_t(&t1.id))
+            .await
+            .unwrap());
+        assert_eq!(key_rows(s, &t1.id).await, 1, "{b}");
+        assert_eq!(blobs.read(&t1.id, &name).await.unwrap(), plain.as_bytes());
+        blobs.remove_tenant(&t1.id).await.unwrap();
+        assert!(objects.list(&t1.id).unwrap().is_empty());
+        assert!(!objects.list(&t2.id).unwrap().is_empty());
+        db.finish().await;
+    }
+}

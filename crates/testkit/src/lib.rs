@@ -124,6 +124,12 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = (*self.state.config).clone();
         config.database_url = server::config::Secret(self.state.config.database_url());
+        if config.storage.master_key.expose().is_empty() {
+            // Every node opens the files with the same master key.
+            let key =
+                std::fs::read_to_string(server::encryption::master_key_path(&config)).unwrap();
+            config.storage.master_key = server::config::Secret(key.trim().to_string());
+        }
         config.data_dir = dir.path().join("data");
         let data_dir = config.data_dir.clone();
         // The stored files are on a mount every node shares (as they would be on NFS or
