@@ -31,6 +31,25 @@ const CHAT_GREEDY_32: &[u32] = &[
     237007, 122073, 239279, 236945, 238214, 237010, 120911,
 ];
 
+/// The same continuation from llama.cpp on a CPU without AVX-512 (AMD EPYC, AVX2): from
+/// step 18 on, where two tokens are near a tie, its own kernels round the other way.
+const CHAT_GREEDY_32_AVX2: &[u32] = &[
+    237594, 239490, 237403, 237007, 122073, 239279, 236945, 238214, 237010, 120911, 237033, 10215,
+    237864, 62230, 73727, 237536, 107, 199516, 237585, 236976, 24751, 107, 199516, 237585, 236976,
+    24751, 107, 199516, 237585, 236976, 24751, 107,
+];
+
+/// llama.cpp's continuation as recorded on a CPU like this one: llama.cpp picks its
+/// kernels by CPU (AVX-512 VNNI or AVX2), and so does candle; the float additions differ
+/// between them, so each CPU family has its own reference.
+fn greedy_reference() -> &'static [u32] {
+    #[cfg(target_arch = "x86_64")]
+    if !std::arch::is_x86_feature_detected!("avx512vnni") {
+        return CHAT_GREEDY_32_AVX2;
+    }
+    CHAT_GREEDY_32
+}
+
 const QUESTION: &str = "市役所で住民票の写しを取るには何が必要ですか？";
 
 fn demo_model() -> Option<PathBuf> {
@@ -155,11 +174,12 @@ fn greedy_generation_is_deterministic() {
 fn follows_llama_cpp_token_for_token() {
     let Some(m) = model() else { return };
     let prompt = m.prompt_tokens(&request(32)).unwrap();
-    let steps = m.score(&prompt, CHAT_GREEDY_32).unwrap();
+    let greedy = greedy_reference();
+    let steps = m.score(&prompt, greedy).unwrap();
     for (i, (best, top, reference)) in steps.iter().enumerate() {
         eprintln!(
             "{i:2} ref {:6} ours {best:6} margin {:.4}",
-            CHAT_GREEDY_32[i],
+            greedy[i],
             top - reference
         );
     }
@@ -170,7 +190,7 @@ fn follows_llama_cpp_token_for_token() {
     // quarter of a logit of ours; everywhere else they are the same token.
     let mut exact = 0;
     for (i, &(best, top, reference)) in steps.iter().enumerate() {
-        if best == CHAT_GREEDY_32[i] {
+        if best == greedy[i] {
             exact += 1;
         } else {
             assert!(
