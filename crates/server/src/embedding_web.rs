@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 
 pub fn routes() -> Router<Shared> {
@@ -21,6 +22,10 @@ pub fn routes() -> Router<Shared> {
         .route("/admin/knowledge/embedding", get(page).post(save))
         .route("/admin/knowledge/embedding/remove", post(remove))
         .route("/admin/knowledge/embedding/test", post(test))
+        .route(
+            "/api/v1/admin/knowledge/embedder",
+            get(api_get).put(api_put).delete(api_delete),
+        )
 }
 
 #[derive(Template)]
@@ -295,4 +300,86 @@ async fn test(
         },
         &view(&state, &a, Some(typed(&f)), notice, ok, errors).await?,
     )
+}
+
+// ------------------------------------------------------------------ JSON API
+
+/// The setting and how far the vectors are (`null` setting when none).
+async fn api_view(state: &Shared, tenant: &str) -> AppResult<Value> {
+    Ok(match state.store.kb_embedder(tenant).await? {
+        Some(e) => {
+            let (done, total, waiting, failed) =
+                state.store.vector_progress(tenant, &e.key()).await?;
+            json!({
+                "embedder": {"provider_id": e.provider_id, "model": e.model, "max_class": e.max_class, "min_score_pct": e.min_score_pct},
+                "passages_embedded": done, "passages": total, "documents_waiting": waiting, "documents_failed": failed,
+            })
+        }
+        None => json!({"embedder": null}),
+    })
+}
+
+async fn api_get(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+) -> AppResult<axum::Json<Value>> {
+    Ok(axum::Json(api_view(&state, &a.ctx.tenant.id).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct EmbedderBody {
+    #[serde(default)]
+    provider_id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    max_class: Option<i64>,
+    #[serde(default)]
+    min_score_pct: Option<i64>,
+}
+
+async fn api_put(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+    crate::api::JsonBody(b): crate::api::JsonBody<EmbedderBody>,
+) -> AppResult<axum::Json<Value>> {
+    let f: HashMap<String, String> = [
+        ("provider_id", b.provider_id),
+        ("model", b.model),
+        ("max_class", b.max_class.unwrap_or(2).to_string()),
+        ("min_score", b.min_score_pct.unwrap_or(30).to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let e = match check(&state, &a, &f).await? {
+        Ok(e) => e,
+        Err(errors) => return Err(crate::error::AppError::field("embedder", errors.join(" "))),
+    };
+    let before = state.store.kb_embedder(&a.ctx.tenant.id).await?;
+    let queued = state
+        .store
+        .set_kb_embedder(&a.ctx.tenant.id, Some(&e), a.audit(), state.now())
+        .await?;
+    if queued == 0 && before.is_some() {
+        state
+            .store
+            .retry_failed_embeds(&a.ctx.tenant.id, state.now())
+            .await?;
+    }
+    state.vectors.drop_tenant(&a.ctx.tenant.id);
+    state.ingest.notify_one();
+    Ok(axum::Json(api_view(&state, &a.ctx.tenant.id).await?))
+}
+
+async fn api_delete(
+    State(state): State<Shared>,
+    TenantAdmin(a): TenantAdmin,
+) -> AppResult<StatusCode> {
+    state
+        .store
+        .set_kb_embedder(&a.ctx.tenant.id, None, a.audit(), state.now())
+        .await?;
+    state.vectors.drop_tenant(&a.ctx.tenant.id);
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -711,6 +711,7 @@ async fn authorisation_matrix_over_every_api_route() {
         include_str!("../src/templates_web.rs"),
         include_str!("../src/logs_web.rs"),
         include_str!("../src/knowledge_web.rs"),
+        include_str!("../src/embedding_web.rs"),
     ] {
         let table = src.split("pub fn routes").nth(1).unwrap();
         in_source.extend(
@@ -6038,6 +6039,32 @@ async fn an_embedding_model_finds_paraphrases_and_never_receives_documents_above
         page.contains("検索用ベクトルを作成済みの区切り: 2 / 3"),
         "{page}"
     );
+    // The same through the JSON API (tenant admins only).
+    let (st, api) = a.get_json("/api/v1/admin/knowledge/embedder").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(api["embedder"]["model"], "emb-ja");
+    assert_eq!(
+        (api["passages_embedded"].as_i64(), api["passages"].as_i64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(
+        dadmin.get_json("/api/v1/admin/knowledge/embedder").await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (st, body) = a
+        .send_json(
+            reqwest::Method::PUT,
+            "/api/v1/admin/knowledge/embedder",
+            Some(&json!({"provider_id": "nope", "model": "x", "max_class": 7})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("機密性の上限は1〜3"), "{body}");
+    let (_, api) = a.get_json("/api/v1/admin/knowledge/embedder").await;
+    assert_eq!(
+        api["embedder"]["model"], "emb-ja",
+        "a refused change changes nothing"
+    );
 
     // Now the paraphrase finds the passage (the first search may only start loading).
     let mut names = Vec::new();
@@ -6130,9 +6157,23 @@ async fn an_embedding_model_finds_paraphrases_and_never_receives_documents_above
         .await
         .contains(&"児童手当.txt".to_string()));
 
-    // Removed: words only again, vectors gone.
+    // Removed (through the API): words only again, vectors gone.
+    let (st, _) = a
+        .send_json(
+            reqwest::Method::DELETE,
+            "/api/v1/admin/knowledge/embedder",
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (_, api) = a.get_json("/api/v1/admin/knowledge/embedder").await;
+    assert_eq!(api["embedder"], Value::Null);
     let r = a.post_form("/admin/knowledge/embedding/remove", &[]).await;
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        r.status(),
+        StatusCode::SEE_OTHER,
+        "removing twice is harmless"
+    );
     assert!(search_names(&dadmin, question, &kb).await.is_empty());
     assert_eq!(embedded(&s, &tenant, &key).await.0, 0);
     s.stop().await;
