@@ -213,6 +213,23 @@ fn typed(f: &HashMap<String, String>) -> Typed {
     }
 }
 
+/// Stores the embedder and sets the vectors going. Returns the documents queued: all of
+/// them after a change of model; after saving the same one again, those that failed.
+async fn apply(state: &Shared, a: &Authed, e: &storage::Embedder) -> AppResult<u64> {
+    let tenant = &a.ctx.tenant.id;
+    let before = state.store.kb_embedder(tenant).await?;
+    let mut queued = state
+        .store
+        .set_kb_embedder(tenant, Some(e), a.audit(), state.now())
+        .await?;
+    if queued == 0 && before.is_some() {
+        queued = state.store.retry_failed_embeds(tenant, state.now()).await?;
+    }
+    state.vectors.drop_tenant(tenant);
+    state.ingest.notify_one();
+    Ok(queued)
+}
+
 async fn save(
     State(state): State<Shared>,
     TenantAdmin(a): TenantAdmin,
@@ -222,20 +239,7 @@ async fn save(
         Ok(e) => e,
         Err(errors) => return refused(&state, &a, &f, errors).await,
     };
-    let before = state.store.kb_embedder(&a.ctx.tenant.id).await?;
-    let mut queued = state
-        .store
-        .set_kb_embedder(&a.ctx.tenant.id, Some(&e), a.audit(), state.now())
-        .await?;
-    // Saving the same model again retries the documents whose vectors failed.
-    if queued == 0 && before.is_some() {
-        queued = state
-            .store
-            .retry_failed_embeds(&a.ctx.tenant.id, state.now())
-            .await?;
-    }
-    state.vectors.drop_tenant(&a.ctx.tenant.id);
-    state.ingest.notify_one();
+    let queued = apply(&state, &a, &e).await?;
     let notice = if queued > 0 { "saved" } else { "unchanged" };
     Ok(Redirect::to(&format!("/admin/knowledge/embedding?notice={notice}")).into_response())
 }
@@ -356,19 +360,7 @@ async fn api_put(
         Ok(e) => e,
         Err(errors) => return Err(crate::error::AppError::field("embedder", errors.join(" "))),
     };
-    let before = state.store.kb_embedder(&a.ctx.tenant.id).await?;
-    let queued = state
-        .store
-        .set_kb_embedder(&a.ctx.tenant.id, Some(&e), a.audit(), state.now())
-        .await?;
-    if queued == 0 && before.is_some() {
-        state
-            .store
-            .retry_failed_embeds(&a.ctx.tenant.id, state.now())
-            .await?;
-    }
-    state.vectors.drop_tenant(&a.ctx.tenant.id);
-    state.ingest.notify_one();
+    apply(&state, &a, &e).await?;
     Ok(axum::Json(api_view(&state, &a.ctx.tenant.id).await?))
 }
 
