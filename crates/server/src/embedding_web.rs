@@ -230,6 +230,16 @@ async fn apply(state: &Shared, a: &Authed, e: &storage::Embedder) -> AppResult<u
     Ok(queued)
 }
 
+/// Removes the embedder and its vectors: search is by words only again.
+async fn unset(state: &Shared, a: &Authed) -> AppResult<()> {
+    state
+        .store
+        .set_kb_embedder(&a.ctx.tenant.id, None, a.audit(), state.now())
+        .await?;
+    state.vectors.drop_tenant(&a.ctx.tenant.id);
+    Ok(())
+}
+
 async fn save(
     State(state): State<Shared>,
     TenantAdmin(a): TenantAdmin,
@@ -249,11 +259,7 @@ async fn remove(
     TenantAdmin(a): TenantAdmin,
     Form(_f): Form<HashMap<String, String>>,
 ) -> AppResult<Response> {
-    state
-        .store
-        .set_kb_embedder(&a.ctx.tenant.id, None, a.audit(), state.now())
-        .await?;
-    state.vectors.drop_tenant(&a.ctx.tenant.id);
+    unset(&state, &a).await?;
     Ok(Redirect::to("/admin/knowledge/embedding?notice=removed").into_response())
 }
 
@@ -368,10 +374,6 @@ async fn api_delete(
     State(state): State<Shared>,
     TenantAdmin(a): TenantAdmin,
 ) -> AppResult<StatusCode> {
-    state
-        .store
-        .set_kb_embedder(&a.ctx.tenant.id, None, a.audit(), state.now())
-        .await?;
-    state.vectors.drop_tenant(&a.ctx.tenant.id);
+    unset(&state, &a).await?;
     Ok(StatusCode::NO_CONTENT)
 }
